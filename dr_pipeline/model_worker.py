@@ -1,0 +1,94 @@
+"""The accelerator stage: one actor holds the whole teacher ensemble and every captioner.
+
+Holding them together means views travel to the device once for all teachers,
+and synthetic captions are embedded by every teacher without another hop.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import ray
+import torch
+
+from dr_pipeline.config import JobConfig
+from dr_pipeline.prepare import ViewBatch
+from dr_pipeline.schema import to_storage
+from dr_pipeline.seeding import derive_seed
+from teachers import build_captioner, build_teacher
+
+
+@dataclass
+class BatchResult:
+    image_emb: dict[str, np.ndarray]  # teacher id -> [N, K, D] in the storage dtype
+    text_emb: dict[str, np.ndarray]  # teacher id -> [N, 1 + S_total, D]
+    captions: dict[str, list[list[str]]]  # captioner id -> N lists of S captions
+
+
+def caption_seeds(run_seed: int, captioner_id: str, keys: list[str], num_captions: int) -> list[list[int]]:
+    """Seeds of caption j of each key: a pure function of (run seed, key, captioner, j)."""
+    return [[derive_seed(run_seed, key, f"caption/{captioner_id}", j) for j in range(num_captions)] for key in keys]
+
+
+def _chunks(total: int, size: int) -> list[slice]:
+    return [slice(start, min(start + size, total)) for start in range(0, total, size)]
+
+
+class ModelWorker:
+    """Runs as a Ray actor (GPUs from the job's resources); also usable in-process."""
+
+    def __init__(self, job: JobConfig, use_gpu: bool):
+        self.job = job
+        self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+        self.teachers = [build_teacher(t, self.device, t.precision) for t in job.teachers]
+        self.captioners = [build_captioner(c, self.device, c.precision) for c in job.captioners]
+
+    def describe(self) -> dict[str, Any]:
+        """Cards of the loaded models, as the manifest records them."""
+        return {
+            "node_id": ray.get_runtime_context().get_node_id() if ray.is_initialized() else None,
+            "device": str(self.device),
+            "teachers": [t.card.to_dict() for t in self.teachers],
+            "captioners": [c.card.to_dict() for c in self.captioners],
+        }
+
+    def process(self, batch: ViewBatch) -> BatchResult:
+        with torch.inference_mode():
+            captions = self._caption(batch)
+            texts = [
+                [text] + [caption for c in self.job.captioners for caption in captions[c.id][i]]
+                for i, text in enumerate(batch.texts)
+            ]
+            image_emb, text_emb = self._embed(batch, texts)
+        return BatchResult(image_emb=image_emb, text_emb=text_emb, captions=captions)
+
+    def _caption(self, batch: ViewBatch) -> dict[str, list[list[str]]]:
+        captions: dict[str, list[list[str]]] = {}
+        for config, captioner in zip(self.job.captioners, self.captioners):
+            images = torch.from_numpy(batch.caption_views[captioner.card.input_size])
+            seeds = caption_seeds(self.job.seed, config.id, batch.keys, config.num_captions)
+            rows: list[list[str]] = []
+            for part in _chunks(len(batch), config.batch_size):
+                rows += captioner.caption(images[part], seeds[part], config.sampler, config.postprocess)
+            captions[config.id] = rows
+        return captions
+
+    def _embed(
+        self, batch: ViewBatch, texts: list[list[str]]
+    ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        dtype = self.job.output.embedding_dtype
+        n, k = batch.views.shape[:2]
+        views = torch.from_numpy(batch.views).reshape(n * k, *batch.views.shape[2:])
+        flat_texts = [t for row in texts for t in row]
+        image_emb: dict[str, np.ndarray] = {}
+        text_emb: dict[str, np.ndarray] = {}
+        for config, teacher in zip(self.job.teachers, self.teachers):
+            if teacher.card.has_image:
+                parts = [teacher.encode_image(views[s]) for s in _chunks(len(views), config.batch_size)]
+                image_emb[config.id] = to_storage(torch.cat(parts), dtype).reshape(n, k, -1)
+            if teacher.card.has_text:
+                parts = [teacher.encode_text(flat_texts[s]) for s in _chunks(len(flat_texts), config.batch_size)]
+                text_emb[config.id] = to_storage(torch.cat(parts), dtype).reshape(n, len(texts[0]), -1)
+        return image_emb, text_emb

@@ -1,0 +1,136 @@
+"""The CPU stage: read a shard, decode each image once, validate, sample the K
+augmentation parameters and render the views the teachers will see.
+
+It runs in CPU workers, never in a model actor, so accelerators only ever
+receive ready uint8 views. Every input sample leaves this stage either as a
+PreparedSample or as a failure record with its key and reason.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from dr_pipeline.augment import ViewParams, center_view_params, render_view, render_views, sample_views
+from dr_pipeline.config import JobConfig
+from dr_pipeline.decode import ImageRejected, decode_image
+from dr_pipeline.inputs import InputFailure, RawSample, iter_shard
+from dr_pipeline.schema import safe_key
+
+
+@dataclass
+class PreparedSample:
+    """One valid sample: its metadata and view parameters (the pixels travel in ViewBatch)."""
+
+    key: str
+    source_key: str
+    url: str | None
+    text: str
+    image: bytes | None
+    image_format: str
+    height: int
+    width: int
+    image_sha256: str
+    views: list[ViewParams]
+
+
+@dataclass
+class ViewBatch:
+    """What a model actor receives: rendered views and the texts to embed."""
+
+    keys: list[str]
+    texts: list[str]
+    views: np.ndarray  # uint8 [N, K, 3, S, S]
+    caption_views: dict[int, np.ndarray]  # captioner input size -> uint8 [N, 3, s, s]
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+@dataclass
+class PreparedBatch:
+    samples: list[PreparedSample] = field(default_factory=list)
+    failures: list[dict[str, Any]] = field(default_factory=list)
+    views: list[torch.Tensor] = field(default_factory=list)
+    caption_views: dict[int, list[torch.Tensor]] = field(default_factory=dict)
+
+    def view_batch(self) -> ViewBatch | None:
+        if not self.samples:
+            return None
+        return ViewBatch(
+            keys=[s.key for s in self.samples],
+            texts=[s.text for s in self.samples],
+            views=torch.stack(self.views).numpy(),
+            caption_views={size: torch.stack(v).numpy() for size, v in self.caption_views.items()},
+        )
+
+
+def failure_record(key: str, reason: str, detail: str) -> dict[str, Any]:
+    return {"key": key, "reason": reason, "detail": detail}
+
+
+def _metadata_problem(raw: RawSample, key: str, seen: set[str]) -> tuple[str, str] | None:
+    """(reason, detail) when the sample cannot be used whatever its pixels, else None."""
+    if key in seen:
+        return "duplicate_key", f"key {raw.source_key!r} appears earlier in this shard"
+    if raw.image is None:
+        return "missing_image", "no image (jpg, jpeg, png or webp member / image column)"
+    if raw.text is None:
+        return "missing_text", "no caption (txt member, json caption or text column)"
+    if not raw.text.strip():
+        return "empty_text", "the caption is empty or whitespace"
+    return None
+
+
+def prepare_unit(
+    shard_url: str, job: JobConfig, caption_sizes: tuple[int, ...]
+) -> Iterator[PreparedBatch]:
+    """Batches of at most resources.batch_size valid samples, with the failures met on the way."""
+    cfg = job.augmentation
+    view_size = cfg.random_resized_crop.size
+    seen: set[str] = set()
+    batch = PreparedBatch()
+    for item in iter_shard(shard_url, job.input):
+        if isinstance(item, InputFailure):
+            batch.failures.append(failure_record(item.key, item.reason, item.detail))
+            continue
+        key = safe_key(item.source_key)
+        problem = _metadata_problem(item, key, seen)
+        seen.add(key)
+        if problem:
+            batch.failures.append(failure_record(item.source_key, *problem))
+            continue
+        try:
+            pixels = decode_image(item.image, job.input.max_image_pixels)
+        except ImageRejected as rejected:
+            batch.failures.append(failure_record(item.source_key, rejected.reason, rejected.detail))
+            continue
+        height, width = int(pixels.shape[1]), int(pixels.shape[2])
+        params = sample_views(job.seed, key, height, width, cfg)
+        batch.views.append(render_views(pixels, params, view_size, cfg))
+        center = center_view_params(height, width)
+        for size in caption_sizes:
+            batch.caption_views.setdefault(size, []).append(render_view(pixels, center, size, cfg))
+        batch.samples.append(
+            PreparedSample(
+                key=key,
+                source_key=item.source_key,
+                url=item.url,
+                text=item.text,
+                image=item.image if job.output.keep_images else None,
+                image_format=item.image_format or "unknown",
+                height=height,
+                width=width,
+                image_sha256=hashlib.sha256(item.image).hexdigest(),
+                views=params,
+            )
+        )
+        if len(batch.samples) >= job.resources.batch_size:
+            yield batch
+            batch = PreparedBatch()
+    if batch.samples or batch.failures:
+        yield batch

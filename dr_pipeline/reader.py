@@ -1,0 +1,109 @@
+"""Reading a dr-gen dataset back: the manifest says what the columns are, never guesses.
+
+Rows come out as plain Python values with embeddings as float32 numpy arrays
+[rows, D] and augmentation parameters as `ViewParams`, whichever form
+(Parquet or webdataset) the dataset was written in.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from typing import Any, Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from dr_pipeline.augment import ViewParams
+from dr_pipeline.manifest import read_manifest
+from dr_pipeline.schema import DatasetLayout, from_storage
+
+
+def _embedding_matrix(column: pa.Array, rows: int, dim: int) -> np.ndarray:
+    return np.asarray(column.flatten().flatten().to_numpy(zero_copy_only=False)).reshape(len(column), rows, dim)
+
+
+class ReinforcedDataset:
+    """A dataset folder opened through its manifest (local or any fsspec URL)."""
+
+    def __init__(self, url: str, storage_options: dict[str, Any] | None = None):
+        self.location, self.manifest = read_manifest(url, storage_options)
+        self.layout = DatasetLayout.from_dict(self.manifest["layout"])
+
+    @property
+    def units(self) -> list[dict[str, Any]]:
+        return self.manifest["units"]
+
+    def __len__(self) -> int:
+        return self.manifest["totals"]["samples"]
+
+    def iter_samples(self, units: list[str] | None = None) -> Iterator[dict[str, Any]]:
+        wanted = set(units) if units is not None else None
+        for unit in self.units:
+            if wanted is None or unit["id"] in wanted:
+                yield from self.iter_unit(unit)
+
+    def iter_unit(self, unit: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        path = self.location.join(unit["files"]["data"]["path"])
+        if self.manifest["format"] == "arrow":
+            yield from self._iter_parquet(path)
+        else:
+            yield from self._iter_tar(path)
+
+    def _decode_embeddings(self, row: dict[str, Any]) -> dict[str, Any]:
+        dtype = self.layout.embedding_dtype
+        for name in self.layout.embedding_shapes():
+            row[name] = from_storage(row[name], dtype)
+        row["aug"] = [ViewParams.from_record(r) for r in row["aug"]]
+        return row
+
+    def _iter_parquet(self, path: str) -> Iterator[dict[str, Any]]:
+        shapes = self.layout.embedding_shapes()
+        with self.location.fs.open(path, "rb") as handle:
+            for batch in pq.ParquetFile(handle).iter_batches(batch_size=256):
+                embeddings = {
+                    name: _embedding_matrix(batch.column(name), *shapes[name]) for name in shapes
+                }
+                plain = batch.drop_columns(list(shapes)).to_pylist()
+                for i, row in enumerate(plain):
+                    row.update({name: values[i] for name, values in embeddings.items()})
+                    yield self._decode_embeddings(row)
+
+    def _iter_tar(self, path: str) -> Iterator[dict[str, Any]]:
+        members = self.layout.webdataset_members(keep_images=True)
+        with self.location.fs.open(path, "rb") as handle, tarfile.open(fileobj=handle, mode="r|") as tar:
+            current_key, raw = None, {}
+            for info in tar:
+                key, _, suffix = info.name.partition(".")
+                if key != current_key and raw:
+                    yield self._decode_embeddings(_tar_row(raw, members))
+                    raw = {}
+                current_key = key
+                raw[suffix] = tar.extractfile(info).read()
+            if raw:
+                yield self._decode_embeddings(_tar_row(raw, members))
+
+
+def _tar_row(raw: dict[str, bytes], members: list[dict[str, Any]]) -> dict[str, Any]:
+    row: dict[str, Any] = {"image": None}
+    for member in members:
+        if member["encoding"] == "bytes":
+            continue
+        data = raw[member["suffix"]]
+        if member["encoding"] == "npy":
+            row[member["fields"][0]] = np.load(io.BytesIO(data), allow_pickle=False)
+        else:
+            value = json.loads(data)
+            row.update(value if len(member["fields"]) > 1 else {member["fields"][0]: value})
+    image_member = row.get("image_format")
+    if image_member in raw:
+        row["image"] = raw[image_member]
+    return row
+
+
+def open_dataset(url: str, storage_options: dict[str, Any] | None = None) -> ReinforcedDataset:
+    return ReinforcedDataset(url, storage_options)
+
+

@@ -1,0 +1,252 @@
+"""Execution on Ray: model actors, one CPU task per output unit, exactly-once commits.
+
+Data flow per unit (one Ray task, placed on its actor's node):
+    read shard -> decode -> params -> render views      (this task, CPU)
+    -> ModelWorker.process (captions + embeddings)        (actor, GPU), a few batches in flight
+    -> stream into a temp file -> rename -> failures -> stats marker (this task)
+The driver only plans, hands units to tasks with a bound on how many run at
+once, and rebuilds dataset.json from the stats markers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+import ray
+import torch
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from dr_pipeline.config import JobConfig
+from dr_pipeline.errors import ConfigError, DrGenError
+from dr_pipeline.inputs import list_shards
+from dr_pipeline.manifest import MANIFEST_FILE, build_manifest, read_unit_stats, write_manifest
+from dr_pipeline.model_worker import ModelWorker
+from dr_pipeline.plan import Unit, check_plan_matches, make_plan, read_plan, write_plan
+from dr_pipeline.prepare import failure_record, prepare_unit
+from dr_pipeline.schema import CaptionerColumns, DatasetLayout, TeacherColumns
+from dr_pipeline.storage import Location, redact_url
+from dr_pipeline.writers import failures_bytes, open_unit_writer, unit_columns
+from teachers import check_spec
+
+
+@dataclass
+class RunSummary:
+    output: str
+    units_planned: int
+    units_skipped: int = 0
+    units_done: int = 0
+    samples: int = 0
+    failures: int = 0
+    seconds: float = 0.0
+    units_failed: list[tuple[str, str]] = field(default_factory=list)
+
+
+def one_line(error: BaseException) -> str:
+    """The last meaningful line of an error, as users should see it."""
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    return lines[-1] if lines else type(error).__name__
+
+
+def check_job(job: JobConfig) -> None:
+    """Everything that can be checked without loading a model or starting Ray."""
+    for teacher in job.teachers:
+        check_spec(teacher.spec, "teacher")
+    for captioner in job.captioners:
+        check_spec(captioner.spec, "captioner")
+
+
+def _check_writable(out: Location) -> None:
+    probe = ".dr-gen-write-probe"
+    try:
+        out.fs.makedirs(out.path, exist_ok=True)
+        out.write_bytes_atomic(b"", probe)
+        out.fs.rm(out.join(probe))
+    except Exception as error:  # any backend error means the same thing to the user
+        raise ConfigError(f"output {redact_url(out.url())} is not writable ({one_line(error)})") from None
+
+
+def plan_output(job: JobConfig, overwrite: bool) -> tuple[Location, list[Unit]]:
+    """Validate the output folder and return the frozen plan (listing the input only on a first run)."""
+    out = Location.from_url(job.output.url, job.output.storage_options)
+    existing = read_plan(out) if out.fs.exists(out.path) else None
+    if existing and overwrite:
+        out.fs.rm(out.path, recursive=True)
+        existing = None
+    if existing:
+        config_hash, units = existing
+        check_plan_matches(out, job, config_hash)
+        return out, units
+    shards = list_shards(job.input)
+    _check_writable(out)
+    units = make_plan(shards)
+    write_plan(out, job, units)
+    return out, units
+
+
+def layout_for(job: JobConfig, cards: dict[str, list[dict[str, Any]]]) -> DatasetLayout:
+    return DatasetLayout(
+        num_views=job.augmentation.num_views,
+        embedding_dtype=job.output.embedding_dtype,
+        teachers=tuple(
+            TeacherColumns(t.id, card["embedding_dim"], card["has_image"], card["has_text"])
+            for t, card in zip(job.teachers, cards["teachers"])
+        ),
+        captioners=tuple(CaptionerColumns(c.id, c.num_captions) for c in job.captioners),
+    )
+
+
+def process_unit(
+    unit: Unit,
+    job: JobConfig,
+    layout: DatasetLayout,
+    caption_sizes: tuple[int, ...],
+    worker: Any,
+) -> dict[str, Any]:
+    """Ray task: produce and commit one unit; returns its stats (also written as the marker)."""
+    torch.set_num_threads(1)
+    started = time.time()
+    out = Location.from_url(job.output.url, job.output.storage_options)
+    for path in (unit.data_file(job.output.format), unit.failures_file, unit.stats_file):
+        out.remove_stale_temps(path)
+    failures: list[dict[str, Any]] = []
+    written = 0
+    with open_unit_writer(out, unit.data_file(job.output.format), layout, job.output) as (writer, committed):
+        in_flight: deque[tuple[list, Any, Any]] = deque()
+
+        def finish_oldest() -> None:
+            nonlocal written
+            samples, batch_ref, result_ref = in_flight.popleft()
+            for attempt in range(job.resources.max_batch_retries + 1):
+                try:
+                    result = ray.get(result_ref)
+                    break
+                except ray.exceptions.RayTaskError as error:
+                    if attempt == job.resources.max_batch_retries:
+                        failures.extend(failure_record(s.source_key, "model_error", one_line(error)) for s in samples)
+                        return
+                    result_ref = worker.process.remote(batch_ref)
+            writer.write(unit_columns(samples, result, layout))
+            written += len(samples)
+
+        for prepared in prepare_unit(unit.input, job, caption_sizes):
+            failures.extend(prepared.failures)
+            batch = prepared.view_batch()
+            if batch is None:
+                continue
+            batch_ref = ray.put(batch)
+            in_flight.append((prepared.samples, batch_ref, worker.process.remote(batch_ref)))
+            while len(in_flight) >= job.resources.batches_in_flight:
+                finish_oldest()
+        while in_flight:
+            finish_oldest()
+    failures_info = out.write_bytes_atomic(failures_bytes(failures), unit.failures_file)
+    stats = {
+        "id": unit.id,
+        "input": unit.input,
+        "config_hash": job.output_hash(),
+        "input_samples": written + len(failures),
+        "samples": written,
+        "failures": len(failures),
+        "failures_by_reason": dict(sorted(Counter(f["reason"] for f in failures).items())),
+        "files": {"data": committed[0].to_dict(), "failures": failures_info.to_dict()},
+        "seconds": round(time.time() - started, 3),
+    }
+    out.write_json_atomic(stats, unit.stats_file)
+    return stats
+
+
+@contextlib.contextmanager
+def ray_session(address: str | None) -> Iterator[None]:
+    """Join the cluster at `address` (or RAY_ADDRESS), else start a local Ray; reuse one already running."""
+    if ray.is_initialized():
+        yield
+        return
+    ray.init(address=address, include_dashboard=False, log_to_driver=True, logging_level="WARNING")
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def _start_workers(job: JobConfig) -> tuple[list[Any], list[str], dict[str, Any]]:
+    """The model actors, their node ids, and the cards of the loaded models."""
+    gpus = job.resources.gpus_per_actor
+    if gpus == "auto":
+        gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
+    actor_class = ray.remote(ModelWorker).options(
+        num_cpus=job.resources.cpus_per_actor, num_gpus=gpus, max_restarts=3, max_task_retries=3
+    )
+    workers = [actor_class.remote(job, gpus > 0) for _ in range(job.resources.actors)]
+    try:
+        described = ray.get([w.describe.remote() for w in workers])
+    except ray.exceptions.RayError as error:
+        raise DrGenError(f"model actors failed to start: {one_line(error)}") from None
+    return workers, [d["node_id"] for d in described], described[0]
+
+
+def run_job(
+    job: JobConfig,
+    *,
+    address: str | None = None,
+    overwrite: bool = False,
+    on_unit_done: Callable[[dict[str, Any], RunSummary], None] | None = None,
+) -> RunSummary:
+    """Run (or resume) a job; committed units are skipped, the manifest is rebuilt at the end."""
+    started = time.time()
+    check_job(job)
+    out, units = plan_output(job, overwrite)
+    done = read_unit_stats(out, units)
+    summary = RunSummary(output=out.url(), units_planned=len(units), units_skipped=len(done))
+    todo = [u for u in units if u.id not in done]
+    if not todo and out.exists(MANIFEST_FILE):
+        previous = out.read_json(MANIFEST_FILE)
+        if previous["status"] != "complete":  # killed after the last unit, before the manifest
+            cards = {kind: [entry["card"] for entry in previous[kind]] for kind in ("teachers", "captioners")}
+            manifest = build_manifest(job, layout_for(job, cards), cards, units, done, previous["created_at"])
+            write_manifest(out, manifest)
+        summary.seconds = time.time() - started
+        return summary
+    with ray_session(address):
+        workers, nodes, described = _start_workers(job)
+        cards = {"teachers": described["teachers"], "captioners": described["captioners"]}
+        layout = layout_for(job, cards)
+        caption_sizes = tuple(sorted({c["input_size"] for c in cards["captioners"]}))
+        created_at = out.read_json(MANIFEST_FILE).get("created_at") if out.exists(MANIFEST_FILE) else None
+        manifest = build_manifest(job, layout, cards, units, done, created_at)
+        write_manifest(out, manifest)
+        unit_task = ray.remote(num_cpus=1, max_retries=2, retry_exceptions=[OSError])(process_unit)
+        pending: dict[Any, tuple[Unit, int]] = {}
+        load = Counter({i: 0 for i in range(len(workers))})
+        queue = deque(todo)
+        while queue or pending:
+            while queue and len(pending) < job.resources.cpu_workers:
+                unit = queue.popleft()
+                index = min(load, key=lambda i: load[i])
+                load[index] += 1
+                strategy = NodeAffinitySchedulingStrategy(nodes[index], soft=True)
+                ref = unit_task.options(scheduling_strategy=strategy).remote(
+                    unit, job, layout, caption_sizes, workers[index]
+                )
+                pending[ref] = (unit, index)
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            for ref in ready:
+                unit, index = pending.pop(ref)
+                load[index] -= 1
+                try:
+                    stats = ray.get(ref)
+                except ray.exceptions.RayError as error:
+                    summary.units_failed.append((unit.id, one_line(error)))
+                    continue
+                done[unit.id] = stats
+                summary.units_done += 1
+                summary.samples += stats["samples"]
+                summary.failures += stats["failures"]
+                if on_unit_done:
+                    on_unit_done(stats, summary)
+        write_manifest(out, build_manifest(job, layout, cards, units, done, manifest["created_at"]))
+    summary.seconds = time.time() - started
+    return summary

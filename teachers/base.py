@@ -1,0 +1,146 @@
+"""What every teacher and captioner adapter provides, and the input handling they share.
+
+A card travels into the dataset manifest: it must say everything a trainer needs to
+use the stored embeddings and captions without guessing (which weights, which input
+size and normalisation, how views of another size were resized, which tokenizer).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+
+from dr_pipeline.config import CaptionPostprocessConfig, SamplerConfig
+
+VIEW_RESIZE = "bicubic"
+"""How views whose size differs from a model's input size are resized (antialiased, in
+float, clamped to [0, 255]); recorded in every card so a replay can do the same."""
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+_AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class _Card:
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready (tuples become lists), so the dict equals its own JSON round trip."""
+        return {
+            name: list(value) if isinstance(value, tuple) else value
+            for name, value in dataclasses.asdict(self).items()
+        }
+
+
+@dataclass(frozen=True)
+class TeacherCard(_Card):
+    """How a teacher's embeddings were produced, as written to the manifest."""
+
+    id: str
+    spec: str
+    kind: str
+    model: str
+    weights: str  # pretrained tag, file path, hf-hub id, or "random-init:<seed>"
+    embedding_dim: int
+    input_size: int | None
+    mean: tuple[float, float, float] | None
+    std: tuple[float, float, float] | None
+    interpolation: str | None  # the model's own preprocessing interpolation
+    view_resize: str  # used when a view's size differs from input_size
+    context_length: int | None
+    tokenizer: str | None
+    logit_scale: float | None
+    logit_bias: float | None
+    normalized: bool = True
+    has_image: bool = True
+    has_text: bool = True
+
+
+@dataclass(frozen=True)
+class CaptionerCard(_Card):
+    """How a captioner's captions were produced (the sampler is recorded next to it)."""
+
+    id: str
+    spec: str
+    kind: str
+    model: str
+    weights: str
+    input_size: int | None
+    mean: tuple[float, float, float] | None
+    std: tuple[float, float, float] | None
+    interpolation: str | None
+    context_length: int | None
+    tokenizer: str | None
+    decoding: str  # "kv-cache", or "full-recompute" for models whose blocks the cache does not mirror
+    view_resize: str = VIEW_RESIZE
+
+
+class Teacher(Protocol):
+    card: TeacherCard
+
+    def encode_image(self, views: torch.Tensor) -> torch.Tensor:
+        """uint8 [N, 3, S, S] views -> float32 [N, D] on the CPU, as the model emits them."""
+        ...
+
+    def encode_text(self, texts: list[str]) -> torch.Tensor:
+        """N texts (truncated to the context by the tokenizer) -> float32 [N, D] on the CPU."""
+        ...
+
+
+class Captioner(Protocol):
+    card: CaptionerCard
+
+    def caption(
+        self,
+        images: torch.Tensor,
+        seeds: list[list[int]],
+        sampler: SamplerConfig,
+        postprocess: CaptionPostprocessConfig,
+    ) -> list[list[str]]:
+        """uint8 [N, 3, s, s] images (resized to card.input_size when s differs); seeds[i][j]
+        seeds caption j of image i. Returns, per image, one caption per seed."""
+        ...
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """The precision a model actually runs at: reduced precision only on CUDA, where it pays."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if device.type != "cuda":
+        return "fp32"
+    if precision == "auto":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return precision
+
+
+def precision_context(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """Mixed precision with fp32 weights, so one loaded model serves every precision."""
+    dtype = _AUTOCAST_DTYPES.get(precision)
+    if device.type == "cuda" and dtype is not None:
+        return torch.autocast("cuda", dtype=dtype)
+    return contextlib.nullcontext()
+
+
+def pixels_for_model(
+    images: torch.Tensor,
+    size: int,
+    mean: tuple[float, float, float],
+    std: tuple[float, float, float],
+    device: torch.device,
+) -> torch.Tensor:
+    """uint8 [N, 3, S, S] -> normalised float32 [N, 3, size, size] on `device`.
+
+    All teachers see the same rendered views; one whose input size differs gets them
+    resized here (VIEW_RESIZE), never re-rendered, so every teacher embeds the same crop.
+    """
+    if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"expected uint8 images [N, 3, S, S], got {images.dtype} {list(images.shape)}")
+    pixels = images.to(device, non_blocking=True).float()
+    if pixels.shape[-2:] != (size, size):
+        pixels = F.interpolate(pixels, size=(size, size), mode=VIEW_RESIZE, antialias=True, align_corners=False)
+        pixels = pixels.clamp_(0, 255)
+    mean_t = torch.tensor(mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+    std_t = torch.tensor(std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+    return (pixels / 255 - mean_t) / std_t

@@ -1,0 +1,322 @@
+"""The `open_clip:` kind: any open_clip model as a teacher, open_clip CoCa models as captioners.
+
+Spec forms (REST after `open_clip:`):
+  MODEL/TAG           pretrained tag from open_clip.list_pretrained()
+  hf-hub:ORG/NAME     open_clip model on the Hugging Face hub (config and weights)
+  MODEL@/path/w.pt    local checkpoint, loaded with torch.load(weights_only=True)
+  MODEL               random init, identical in every process (tests, CPU quickstart)
+
+The tiny configs in model_configs/ are registered with open_clip on import.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import open_clip
+import torch
+from open_clip.transformer import MultimodalTransformer
+from torch import nn
+
+from dr_pipeline.config import CaptionerConfig, CaptionPostprocessConfig, SamplerConfig, TeacherConfig
+from dr_pipeline.errors import ConfigError
+from dr_pipeline.seeding import derive_seed
+from teachers.base import (
+    VIEW_RESIZE,
+    CaptionerCard,
+    TeacherCard,
+    precision_context,
+    pixels_for_model,
+    resolve_precision,
+)
+from teachers.coca_decoding import FullRecomputeStepper, KVCacheStepper, kv_cache_unsupported
+from teachers.registry import Role, TeacherKind, register_kind
+from teachers.sampling import postprocess_caption, sample_tokens
+
+KIND = "open_clip"
+HF_HUB = "hf-hub:"
+DECODINGS = ("kv-cache", "full-recompute")
+
+open_clip.add_model_config(Path(__file__).parent / "model_configs")
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class OpenClipSpec:
+    """REST of an `open_clip:` spec, split into what open_clip.create_model takes."""
+
+    model: str  # open_clip model name, or "hf-hub:ORG/NAME"
+    tag: str | None = None
+    path: str | None = None
+
+    @classmethod
+    def parse(cls, rest: str) -> "OpenClipSpec":
+        if rest.startswith(HF_HUB):
+            return cls(rest)
+        if "@" in rest:
+            model, _, path = rest.partition("@")
+            return cls(model, path=path)
+        model, slash, tag = rest.partition("/")
+        return cls(model, tag=tag if slash else None)
+
+    @property
+    def hub_id(self) -> str | None:
+        return self.model[len(HF_HUB) :] if self.model.startswith(HF_HUB) else None
+
+    @property
+    def random_init(self) -> bool:
+        return self.hub_id is None and self.tag is None and self.path is None
+
+
+def _registry_model_of_hub_id(hub_id: str) -> str | None:
+    """The architecture of a hub id that open_clip's pretrained list knows, without the network."""
+    for model, tag in open_clip.list_pretrained():
+        if open_clip.get_pretrained_cfg(model, tag).get("hf_hub", "").rstrip("/") == hub_id:
+            return model
+    return None
+
+
+def _is_generative(model_name: str) -> bool:
+    return "multimodal_cfg" in (open_clip.get_model_config(model_name) or {})
+
+
+_NOT_GENERATIVE = "{} has no text decoder; a captioner needs an open_clip CoCa model (e.g. coca_ViT-L-14)"
+
+
+def spec_problem(rest: str, role: Role) -> str | None:
+    """What is wrong with an `open_clip:` spec, checked offline; None when it looks usable."""
+    if not rest:
+        return "missing model name, e.g. open_clip:ViT-B-32/openai"
+    spec = OpenClipSpec.parse(rest)
+    if spec.hub_id is not None:
+        if not re.fullmatch(r"[\w.-]+/[\w.-]+", spec.hub_id):
+            return f"hf-hub id must be ORG/NAME, got {spec.hub_id!r}"
+        known = _registry_model_of_hub_id(spec.hub_id)
+        if role == "captioner" and known is not None and not _is_generative(known):
+            return _NOT_GENERATIVE.format(spec.hub_id)
+        return None
+    if spec.model not in open_clip.list_models():
+        close = difflib.get_close_matches(spec.model, open_clip.list_models(), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else " (see open_clip.list_models())"
+        return f"unknown open_clip model {spec.model!r}{hint}"
+    if spec.tag is not None and not open_clip.is_pretrained_cfg(spec.model, spec.tag):
+        tags = open_clip.list_pretrained_tags_by_model(spec.model)
+        known = ", ".join(tags[:6]) + (f" and {len(tags) - 6} more" if len(tags) > 6 else "")
+        return f"unknown pretrained tag {spec.tag!r} for {spec.model} (known: {known or 'none'})"
+    if spec.path is not None and not os.path.isfile(spec.path):
+        return f"weights file not found: {spec.path!r}"
+    if role == "captioner" and not _is_generative(spec.model):
+        return _NOT_GENERATIVE.format(spec.model)
+    return None
+
+
+def _one_line(error: BaseException, limit: int = 300) -> str:
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _initialise_decoder_projection(model: nn.Module) -> None:
+    """open_clip 3.x leaves CoCa's MultimodalTransformer.text_projection as torch.empty (its
+    init_parameters is never called): a random-init CoCa would decode from whatever that
+    memory held, different in every process. Initialise it as that method intends."""
+    decoder = getattr(model, "text_decoder", None)
+    if isinstance(decoder, MultimodalTransformer):
+        nn.init.normal_(decoder.text_projection, std=decoder.width**-0.5)
+
+
+def load_model(spec_text: str, rest: str) -> tuple[nn.Module, str]:
+    """The model in eval mode on the CPU, and its `weights` card entry.
+
+    Runs under a forked RNG so building a model never moves the caller's random state;
+    a random init is seeded from the spec so every process builds the same weights.
+    """
+    spec = OpenClipSpec.parse(rest)
+    seed = derive_seed(0, rest, "random-init", 0)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        try:
+            model = open_clip.create_model(spec.model, pretrained=spec.tag or spec.path, device="cpu")
+        except Exception as error:  # open_clip reports bad weights with many types, asserts included
+            raise ConfigError(f"spec {spec_text!r}: cannot load the open_clip model ({_one_line(error)})") from error
+        if spec.random_init:
+            _initialise_decoder_projection(model)
+    weights = f"random-init:{seed}" if spec.random_init else (spec.path or spec.tag or spec.model)
+    return model.eval(), weights
+
+
+def _image_preprocess(model: nn.Module, spec_text: str) -> dict:
+    cfg = open_clip.get_model_preprocess_cfg(model)
+    size = cfg["size"]
+    height, width = (size, size) if isinstance(size, int) else size
+    if height != width:
+        raise ConfigError(f"spec {spec_text!r}: non-square input size {height}x{width} is not supported")
+    return {
+        "input_size": int(height),
+        "mean": tuple(float(value) for value in cfg["mean"]),
+        "std": tuple(float(value) for value in cfg["std"]),
+        "interpolation": cfg.get("interpolation"),
+    }
+
+
+def _tokenizer_name(tokenizer) -> str:
+    name = f"open_clip.{type(tokenizer).__name__}"
+    source = getattr(getattr(tokenizer, "tokenizer", None), "name_or_path", None)
+    return f"{name}({source})" if source else name
+
+
+class OpenClipTeacher:
+    """Embeds views and texts with open_clip's encode_image / encode_text (normalised)."""
+
+    def __init__(self, model: nn.Module, tokenizer, card: TeacherCard, device: torch.device, precision: str):
+        self.model = model.to(device)
+        self.tokenizer = tokenizer
+        self.card = card
+        self.device = device
+        self.precision = precision
+
+    @torch.inference_mode()
+    def encode_image(self, views: torch.Tensor) -> torch.Tensor:
+        if len(views) == 0:  # open_clip's ViT cannot reshape an empty batch
+            return torch.empty(0, self.card.embedding_dim)
+        pixels = pixels_for_model(views, self.card.input_size, self.card.mean, self.card.std, self.device)
+        with precision_context(self.device, self.precision):
+            embeddings = self.model.encode_image(pixels, normalize=True)
+        return embeddings.float().cpu()
+
+    @torch.inference_mode()
+    def encode_text(self, texts: list[str]) -> torch.Tensor:
+        tokens = self.tokenizer(texts).to(self.device)
+        with precision_context(self.device, self.precision):
+            embeddings = self.model.encode_text(tokens, normalize=True)
+        return embeddings.float().cpu()
+
+
+def _embedding_dim(model: nn.Module, tokenizer) -> int:
+    """Read from one text forward: open_clip exposes no uniform attribute across its towers."""
+    with torch.inference_mode():
+        return int(model.encode_text(tokenizer([""])).shape[-1])
+
+
+def build_open_clip_teacher(rest: str, config: TeacherConfig, device: torch.device, precision: str) -> OpenClipTeacher:
+    model, weights = load_model(config.spec, rest)
+    model_name = OpenClipSpec.parse(rest).model
+    tokenizer = open_clip.get_tokenizer(model_name)
+    logit_bias = getattr(model, "logit_bias", None)
+    card = TeacherCard(
+        id=config.id,
+        spec=config.spec,
+        kind=KIND,
+        model=model_name,
+        weights=weights,
+        embedding_dim=_embedding_dim(model, tokenizer),
+        **_image_preprocess(model, config.spec),
+        view_resize=VIEW_RESIZE,
+        context_length=tokenizer.context_length,
+        tokenizer=_tokenizer_name(tokenizer),
+        logit_scale=float(model.logit_scale.exp().item()),
+        logit_bias=float(logit_bias.item()) if logit_bias is not None else None,
+    )
+    return OpenClipTeacher(model, tokenizer, card, device, resolve_precision(precision, device))
+
+
+class OpenClipCaptioner:
+    """Samples captions from an open_clip CoCa with our own decoding loop (see coca_decoding)."""
+
+    def __init__(self, model: nn.Module, tokenizer, card: CaptionerCard, device: torch.device, precision: str):
+        self.model = model.to(device)
+        self.tokenizer = tokenizer
+        self.card = card
+        self.device = device
+        self.precision = precision
+        self.start_token = tokenizer.sot_token_id
+        # open_clip treats sampling the pad id like the end of text.
+        self.stop_tokens = (tokenizer.eot_token_id, model.pad_id)
+
+    def caption(
+        self,
+        images: torch.Tensor,
+        seeds: list[list[int]],
+        sampler: SamplerConfig,
+        postprocess: CaptionPostprocessConfig,
+    ) -> list[list[str]]:
+        special = {self.start_token, *self.stop_tokens}
+        return [
+            [postprocess_caption([self.start_token, *row], self.tokenizer.decode, special, postprocess) for row in rows]
+            for rows in self.generate(images, seeds, sampler)
+        ]
+
+    @torch.inference_mode()
+    def generate(
+        self, images: torch.Tensor, seeds: list[list[int]], sampler: SamplerConfig, decoding: str | None = None
+    ) -> list[list[list[int]]]:
+        """Sampled token ids per image and seed (stop token included, start token not)."""
+        decoding = decoding or self.card.decoding
+        if decoding not in DECODINGS:
+            raise ValueError(f"decoding must be one of {', '.join(DECODINGS)}, got {decoding!r}")
+        if len(seeds) != images.shape[0]:
+            raise ValueError(f"got {images.shape[0]} images but seeds for {len(seeds)}")
+        if not any(seeds):
+            return [[] for _ in seeds]
+        if sampler.max_length > self.card.context_length:
+            raise ConfigError(
+                f"captioner spec {self.card.spec!r}: sampler max_length {sampler.max_length} "
+                f"exceeds the context length {self.card.context_length}"
+            )
+        pixels = pixels_for_model(images, self.card.input_size, self.card.mean, self.card.std, self.device)
+        counts = torch.tensor([len(image_seeds) for image_seeds in seeds], device=self.device)
+        row_image = torch.repeat_interleave(torch.arange(len(seeds), device=self.device), counts)
+        with precision_context(self.device, self.precision):
+            _, image_embs = self.model._encode_image(pixels)
+            if decoding == "kv-cache":
+                stepper = KVCacheStepper(self.model, image_embs, row_image, capacity=sampler.max_length)
+            else:
+                stepper = FullRecomputeStepper(self.model, image_embs, row_image)
+            flat_seeds = [seed for image_seeds in seeds for seed in image_seeds]
+            rows = iter(sample_tokens(stepper, flat_seeds, sampler, self.start_token, self.stop_tokens, self.device))
+        return [[next(rows) for _ in image_seeds] for image_seeds in seeds]
+
+
+def build_open_clip_captioner(
+    rest: str, config: CaptionerConfig, device: torch.device, precision: str
+) -> OpenClipCaptioner:
+    model, weights = load_model(config.spec, rest)
+    if not isinstance(model, open_clip.CoCa):
+        raise ConfigError(f"captioner spec {config.spec!r}: " + _NOT_GENERATIVE.format(rest))
+    model_name = OpenClipSpec.parse(rest).model
+    tokenizer = open_clip.get_tokenizer(model_name)
+    if not isinstance(tokenizer, open_clip.SimpleTokenizer):
+        raise ConfigError(f"captioner spec {config.spec!r}: captioning needs a CoCa with open_clip's CLIP tokenizer")
+    unsupported = kv_cache_unsupported(model)
+    if unsupported:
+        log.warning("%s: decoding without a KV cache because %s", config.spec, unsupported)
+    card = CaptionerCard(
+        id=config.id,
+        spec=config.spec,
+        kind=KIND,
+        model=model_name,
+        weights=weights,
+        **_image_preprocess(model, config.spec),
+        context_length=tokenizer.context_length,
+        tokenizer=_tokenizer_name(tokenizer),
+        decoding="full-recompute" if unsupported else "kv-cache",
+    )
+    return OpenClipCaptioner(model, tokenizer, card, device, resolve_precision(precision, device))
+
+
+register_kind(
+    TeacherKind(
+        name=KIND,
+        description="open_clip models by pretrained tag, hf-hub id, local checkpoint (MODEL@PATH) or random init "
+        "(MODEL); CoCa models can also caption",
+        example="open_clip:ViT-L-14/datacomp_xl_s13b_b90k",
+        spec_problem=spec_problem,
+        build_teacher=build_open_clip_teacher,
+        build_captioner=build_open_clip_captioner,
+    )
+)

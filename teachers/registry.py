@@ -1,0 +1,109 @@
+"""Teachers and captioners named by a spec string `KIND:REST`, built by the adapter of KIND.
+
+Each kind is a small adapter module that calls `register_kind` when imported; the
+built-in ones are listed in `_BUILTIN_KIND_MODULES` and imported on first use, so
+naming a spec costs nothing until a spec is checked or built. Adding a kind means
+writing one module and adding its name to that list.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Callable, Literal
+
+import torch
+
+from dr_pipeline.config import CaptionerConfig, TeacherConfig
+from dr_pipeline.errors import ConfigError
+from teachers.base import Captioner, Teacher
+
+Role = Literal["teacher", "captioner"]
+
+_BUILTIN_KIND_MODULES = ("teachers.open_clip_adapter",)
+
+
+@dataclass(frozen=True)
+class TeacherKind:
+    """One spec prefix: how to check a spec's REST offline and how to build from it.
+
+    `spec_problem(rest, role)` returns a one-line problem, or None when the spec looks usable;
+    it must load no model and touch no network. The builders receive REST, the job's config
+    entry, the device and the requested precision; a kind without a captioner builder
+    cannot caption.
+    """
+
+    name: str
+    description: str
+    example: str
+    spec_problem: Callable[[str, Role], str | None]
+    build_teacher: Callable[[str, TeacherConfig, torch.device, str], Teacher]
+    build_captioner: Callable[[str, CaptionerConfig, torch.device, str], Captioner] | None = None
+
+    @property
+    def roles(self) -> list[Role]:
+        return ["teacher", "captioner"] if self.build_captioner is not None else ["teacher"]
+
+
+_KINDS: dict[str, TeacherKind] = {}
+_builtins_loaded = False
+
+
+def register_kind(kind: TeacherKind) -> None:
+    if kind.name in _KINDS:
+        raise ValueError(f"teacher kind {kind.name!r} is already registered")
+    _KINDS[kind.name] = kind
+
+
+def _kinds() -> dict[str, TeacherKind]:
+    global _builtins_loaded
+    if not _builtins_loaded:
+        for module in _BUILTIN_KIND_MODULES:
+            importlib.import_module(module)
+        _builtins_loaded = True
+    return _KINDS
+
+
+def _resolve(spec: str, role: Role) -> tuple[TeacherKind, str]:
+    """The kind of `spec` and its REST, after the offline checks; ConfigError on any problem."""
+    if not spec.strip():
+        raise ConfigError(f"empty {role} spec: expected KIND:NAME, e.g. open_clip:ViT-B-32/openai")
+    kind_name, colon, rest = spec.partition(":")
+    kinds = _kinds()
+    if not colon:
+        raise ConfigError(f"{role} spec {spec!r}: expected KIND:NAME, e.g. open_clip:{spec}")
+    if kind_name not in kinds:
+        raise ConfigError(f"{role} spec {spec!r}: unknown kind {kind_name!r} (known: {', '.join(sorted(kinds))})")
+    kind = kinds[kind_name]
+    if role not in kind.roles:
+        raise ConfigError(f"{role} spec {spec!r}: kind {kind_name!r} cannot be a {role}")
+    problem = kind.spec_problem(rest, role)
+    if problem:
+        raise ConfigError(f"{role} spec {spec!r}: {problem}")
+    return kind, rest
+
+
+def check_spec(spec: str, role: Role) -> None:
+    """Fail fast on a spec that cannot work, with one line; loads no model, uses no network."""
+    _resolve(spec, role)
+
+
+def build_teacher(config: TeacherConfig, device: str | torch.device = "cpu", precision: str = "fp32") -> Teacher:
+    kind, rest = _resolve(config.spec, "teacher")
+    return kind.build_teacher(rest, config, torch.device(device), precision)
+
+
+def build_captioner(
+    config: CaptionerConfig, device: str | torch.device = "cpu", precision: str = "fp32"
+) -> Captioner:
+    kind, rest = _resolve(config.spec, "captioner")
+    assert kind.build_captioner is not None  # _resolve checked the role
+    return kind.build_captioner(rest, config, torch.device(device), precision)
+
+
+def teacher_kinds() -> list[dict]:
+    """The known kinds, for the `dr-gen teachers` listing."""
+    return [
+        {"kind": kind.name, "roles": kind.roles, "example": kind.example, "description": kind.description}
+        for kind in _kinds().values()
+    ]

@@ -1,0 +1,57 @@
+"""Shared fixtures: the bundled sample shards and a small job over them."""
+
+import os
+
+import pytest
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def sample_shards(tmp_path_factory):
+    """The quickstart sample data: 3 webdataset tars of real photographs (one corrupt, one uncaptioned)."""
+    from dr_pipeline.sample_data import write_sample_data
+
+    folder = tmp_path_factory.mktemp("sample_data")
+    return write_sample_data(str(folder), num_shards=3)
+
+
+@pytest.fixture(scope="session")
+def small_job_dict():
+    """A factory of small job dicts over given shards and output (see `_small_job_dict`)."""
+    return _small_job_dict
+
+
+def _small_job_dict(shards, output_url, **overrides):
+    """The quickstart job shrunk for tests: K=3 views, one caption per captioner."""
+    data = {
+        "name": "test",
+        "seed": 7,
+        "input": {"urls": shards},
+        "output": {"url": str(output_url)},
+        "augmentation": {
+            "num_views": 3,
+            "horizontal_flip": {"p": 0.5},
+            "random_erasing": {"p": 0.5},
+        },
+        "teachers": [
+            {"id": "tiny_vit_32", "spec": "open_clip:dr-tiny-vit-32"},
+            {"id": "tiny_vit_16_160", "spec": "open_clip:dr-tiny-vit-16-160"},
+        ],
+        "captioners": [
+            {
+                "id": "tiny_coca",
+                "spec": "open_clip:dr-tiny-coca",
+                "num_captions": 2,
+                "sampler": {"max_length": 8, "min_length": 2},
+            }
+        ],
+        "resources": {"actors": 1, "cpu_workers": 1, "batch_size": 4},
+    }
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(data.get(key), dict):
+            data[key] = {**data[key], **value}
+        else:
+            data[key] = value
+    return data
