@@ -17,6 +17,7 @@ from dr_pipeline.config import JobConfig
 from dr_pipeline.prepare import ViewBatch
 from dr_pipeline.schema import to_storage
 from dr_pipeline.seeding import derive_seed
+from dr_pipeline.timing import StageClock
 from teachers import build_captioner, build_teacher
 
 
@@ -25,6 +26,7 @@ class BatchResult:
     image_emb: dict[str, np.ndarray]  # teacher id -> [N, K, D] in the storage dtype
     text_emb: dict[str, np.ndarray]  # teacher id -> [N, 1 + S_total, D]
     captions: dict[str, list[list[str]]]  # captioner id -> N lists of S captions
+    seconds: dict[str, float]  # time per stage inside the actor (captioning, teacher_forward)
 
 
 def caption_seeds(run_seed: int, captioner_id: str, keys: list[str], num_captions: int) -> list[list[int]]:
@@ -55,19 +57,22 @@ class ModelWorker:
         }
 
     def process(self, batch: ViewBatch) -> BatchResult:
+        clock = StageClock()
         with torch.inference_mode():
-            captions = self._caption(batch)
+            with clock.stage("captioning"):
+                captions = self._caption(batch)
             texts = [
                 [text] + [caption for c in self.job.captioners for caption in captions[c.id][i]]
                 for i, text in enumerate(batch.texts)
             ]
-            image_emb, text_emb = self._embed(batch, texts)
-        return BatchResult(image_emb=image_emb, text_emb=text_emb, captions=captions)
+            with clock.stage("teacher_forward"):
+                image_emb, text_emb = self._embed(batch, texts)
+        return BatchResult(image_emb=image_emb, text_emb=text_emb, captions=captions, seconds=dict(clock.seconds))
 
     def _caption(self, batch: ViewBatch) -> dict[str, list[list[str]]]:
         captions: dict[str, list[list[str]]] = {}
         for config, captioner in zip(self.job.captioners, self.captioners):
-            images = torch.from_numpy(batch.caption_views[captioner.card.input_size])
+            images = torch.from_numpy(np.array(batch.caption_views[captioner.card.input_size]))  # object-store arrays are read-only
             seeds = caption_seeds(self.job.seed, config.id, batch.keys, config.num_captions)
             rows: list[list[str]] = []
             for part in _chunks(len(batch), config.batch_size):
@@ -80,7 +85,7 @@ class ModelWorker:
     ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
         dtype = self.job.output.embedding_dtype
         n, k = batch.views.shape[:2]
-        views = torch.from_numpy(batch.views).reshape(n * k, *batch.views.shape[2:])
+        views = torch.from_numpy(np.array(batch.views)).reshape(n * k, *batch.views.shape[2:])
         flat_texts = [t for row in texts for t in row]
         image_emb: dict[str, np.ndarray] = {}
         text_emb: dict[str, np.ndarray] = {}

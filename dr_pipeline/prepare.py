@@ -20,6 +20,7 @@ from dr_pipeline.config import JobConfig
 from dr_pipeline.decode import ImageRejected, decode_image
 from dr_pipeline.inputs import InputFailure, RawSample, iter_shard
 from dr_pipeline.schema import safe_key
+from dr_pipeline.timing import StageClock
 
 
 @dataclass
@@ -87,14 +88,15 @@ def _metadata_problem(raw: RawSample, key: str, seen: set[str]) -> tuple[str, st
 
 
 def prepare_unit(
-    shard_url: str, job: JobConfig, caption_sizes: tuple[int, ...]
+    shard_url: str, job: JobConfig, caption_sizes: tuple[int, ...], clock: StageClock | None = None
 ) -> Iterator[PreparedBatch]:
     """Batches of at most resources.batch_size valid samples, with the failures met on the way."""
+    clock = clock or StageClock()
     cfg = job.augmentation
     view_size = cfg.random_resized_crop.size
     seen: set[str] = set()
     batch = PreparedBatch()
-    for item in iter_shard(shard_url, job.input):
+    for item in clock.timed("read", iter_shard(shard_url, job.input)):
         if isinstance(item, InputFailure):
             batch.failures.append(failure_record(item.key, item.reason, item.detail))
             continue
@@ -105,16 +107,18 @@ def prepare_unit(
             batch.failures.append(failure_record(item.source_key, *problem))
             continue
         try:
-            pixels = decode_image(item.image, job.input.max_image_pixels)
+            with clock.stage("decode"):
+                pixels = decode_image(item.image, job.input.max_image_pixels)
         except ImageRejected as rejected:
             batch.failures.append(failure_record(item.source_key, rejected.reason, rejected.detail))
             continue
         height, width = int(pixels.shape[1]), int(pixels.shape[2])
-        params = sample_views(job.seed, key, height, width, cfg)
-        batch.views.append(render_views(pixels, params, view_size, cfg))
-        center = center_view_params(height, width)
-        for size in caption_sizes:
-            batch.caption_views.setdefault(size, []).append(render_view(pixels, center, size, cfg))
+        with clock.stage("augment"):
+            params = sample_views(job.seed, key, height, width, cfg)
+            batch.views.append(render_views(pixels, params, view_size, cfg))
+            center = center_view_params(height, width)
+            for size in caption_sizes:
+                batch.caption_views.setdefault(size, []).append(render_view(pixels, center, size, cfg))
         batch.samples.append(
             PreparedSample(
                 key=key,

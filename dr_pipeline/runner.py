@@ -29,6 +29,7 @@ from dr_pipeline.plan import Unit, check_plan_matches, make_plan, read_plan, wri
 from dr_pipeline.prepare import failure_record, prepare_unit
 from dr_pipeline.schema import CaptionerColumns, DatasetLayout, TeacherColumns
 from dr_pipeline.storage import Location, redact_url
+from dr_pipeline.timing import StageClock
 from dr_pipeline.writers import failures_bytes, open_unit_writer, unit_columns
 from teachers import check_spec
 
@@ -42,6 +43,7 @@ class RunSummary:
     samples: int = 0
     failures: int = 0
     seconds: float = 0.0
+    startup_seconds: float = 0.0  # until the model actors are up (Ray start, model load)
     units_failed: list[tuple[str, str]] = field(default_factory=list)
 
 
@@ -114,6 +116,7 @@ def process_unit(
         out.remove_stale_temps(path)
     failures: list[dict[str, Any]] = []
     written = 0
+    clock = StageClock()
     with open_unit_writer(out, unit.data_file(job.output.format), layout, job.output) as (writer, committed):
         in_flight: deque[tuple[list, Any, Any]] = deque()
 
@@ -122,17 +125,20 @@ def process_unit(
             samples, batch_ref, result_ref = in_flight.popleft()
             for attempt in range(job.resources.max_batch_retries + 1):
                 try:
-                    result = ray.get(result_ref)
+                    with clock.stage("wait_for_models"):
+                        result = ray.get(result_ref)
                     break
                 except ray.exceptions.RayTaskError as error:
                     if attempt == job.resources.max_batch_retries:
                         failures.extend(failure_record(s.source_key, "model_error", one_line(error)) for s in samples)
                         return
                     result_ref = worker.process.remote(batch_ref)
-            writer.write(unit_columns(samples, result, layout))
+            clock.add(result.seconds)
+            with clock.stage("write"):
+                writer.write(unit_columns(samples, result, layout))
             written += len(samples)
 
-        for prepared in prepare_unit(unit.input, job, caption_sizes):
+        for prepared in prepare_unit(unit.input, job, caption_sizes, clock):
             failures.extend(prepared.failures)
             batch = prepared.view_batch()
             if batch is None:
@@ -154,6 +160,7 @@ def process_unit(
         "failures_by_reason": dict(sorted(Counter(f["reason"] for f in failures).items())),
         "files": {"data": committed[0].to_dict(), "failures": failures_info.to_dict()},
         "seconds": round(time.time() - started, 3),
+        "seconds_by_stage": clock.rounded(),
     }
     out.write_json_atomic(stats, unit.stats_file)
     return stats
@@ -212,6 +219,7 @@ def run_job(
         return summary
     with ray_session(address):
         workers, nodes, described = _start_workers(job)
+        summary.startup_seconds = time.time() - started
         cards = {"teachers": described["teachers"], "captioners": described["captioners"]}
         layout = layout_for(job, cards)
         caption_sizes = tuple(sorted({c["input_size"] for c in cards["captioners"]}))

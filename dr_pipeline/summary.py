@@ -108,5 +108,27 @@ def print_summary(summary: dict[str, Any], sample: dict[str, Any] | None, consol
             reasons.add_row(reason, str(count))
         console.print(reasons)
     if sample:
-        console.print("[bold]One sample[/bold]")
-        console.print_json(data=sample)
+        console.print(_sample_grid(sample))
+
+
+def _sample_grid(sample: dict[str, Any]) -> Table:
+    grid = Table.grid(padding=(0, 2))
+    grid.title, grid.title_justify = "One sample", "left"
+    grid.add_column(style="bold")
+    grid.add_column()
+    grid.add_row("key", f"{sample['key']} (source key {sample['source_key']})")
+    grid.add_row("url", str(sample["url"]))
+    grid.add_row("text", sample["text"])
+    grid.add_row("image", "{} x {} (height x width)".format(*sample["image_size"]))
+    view = sample["view_0"]
+    ops = ", ".join(f"{name} {magnitude:g}" for name, magnitude in view["rand_augment"] or []) or "skipped"
+    grid.add_row(
+        "view 0",
+        f"crop {view['crop']} (top, left, height, width), flip {view['flip']}, RandAugment {ops}, "
+        f"erase {view['erase']}",
+    )
+    for captioner, captions in sample["captions"].items():
+        grid.add_row(captioner, "\n".join(f"{i + 1}. {c}" for i, c in enumerate(captions)))
+    for column, info in sample["embeddings"].items():
+        grid.add_row(column, f"{info['shape']}, mean L2 norm {info['norm_mean']}")
+    return grid
