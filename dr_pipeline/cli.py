@@ -8,7 +8,6 @@ from typing import Any, Callable, Optional, TypeVar
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from dr_pipeline.errors import ConfigError, DatasetError, DrGenError
 
@@ -30,6 +29,13 @@ def _guarded(action: Callable[[], T]) -> T:
         raise typer.Exit(1) from None
 
 
+def _input_override(input_urls: list[str] | None) -> str | list[str] | None:
+    """--input given zero, one or several times, as the job's input.urls."""
+    if not input_urls:
+        return None
+    return input_urls[0] if len(input_urls) == 1 else input_urls
+
+
 @app.command()
 def run(
     job_file: str = typer.Argument(..., metavar="JOB.yaml", help="job config"),
@@ -40,32 +46,16 @@ def run(
 ) -> None:
     """Reinforce a dataset: plan, run teachers and captioners on Ray, write shards and dataset.json."""
     from dr_pipeline.config import load_job
+    from dr_pipeline.progress import ProgressDisplay
     from dr_pipeline.runner import run_job
 
-    job = _guarded(lambda: load_job(
-        job_file,
-        input_urls=None if not input_urls else (input_urls[0] if len(input_urls) == 1 else input_urls),
-        output_url=output_url,
-    ))
-    with Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("units"),
-        TextColumn("{task.fields[samples]} samples, {task.fields[rate]} samples/s, {task.fields[failures]} failures"),
-        TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False,
-    ) as progress:
-        task = progress.add_task(job.name, total=None, samples=0, rate="-", failures=0)
-
-        def on_unit_done(stats: dict[str, Any], summary: Any) -> None:
-            elapsed = max(progress.tasks[task].elapsed or 0.0, 1e-9)
-            progress.update(
-                task, total=summary.units_planned, completed=summary.units_skipped + summary.units_done,
-                samples=summary.samples, failures=summary.failures, rate=f"{summary.samples / elapsed:.1f}",
-            )
-
-        summary = _guarded(lambda: run_job(job, address=address, overwrite=overwrite, on_unit_done=on_unit_done))
-        progress.update(task, total=summary.units_planned, completed=summary.units_skipped + summary.units_done)
+    job = _guarded(lambda: load_job(job_file, input_urls=_input_override(input_urls), output_url=output_url))
+    with ProgressDisplay(console, job.name) as display:
+        summary = _guarded(lambda: run_job(job, address=address, overwrite=overwrite, on_progress=display.update))
     console.print(
         f"{summary.output}: {summary.units_done} units written, {summary.units_skipped} already committed, "
-        f"{summary.samples} samples, {summary.failures} failures in {summary.seconds:.1f}s"
+        f"{summary.samples} samples, {summary.failures} failures in {summary.seconds:.1f}s "
+        f"({summary.startup_seconds:.1f}s starting models)"
     )
     if summary.units_failed:
         for unit_id, reason in summary.units_failed:

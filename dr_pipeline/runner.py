@@ -27,6 +27,7 @@ from dr_pipeline.manifest import MANIFEST_FILE, build_manifest, read_unit_stats,
 from dr_pipeline.model_worker import ModelWorker
 from dr_pipeline.plan import Unit, check_plan_matches, make_plan, read_plan, write_plan
 from dr_pipeline.prepare import failure_record, prepare_unit
+from dr_pipeline.progress import POLL_SECONDS, ProgressTracker, RunProgress, UnitReporter, run_record, start_tally
 from dr_pipeline.schema import CaptionerColumns, DatasetLayout, TeacherColumns
 from dr_pipeline.storage import Location, redact_url
 from dr_pipeline.timing import StageClock
@@ -107,8 +108,12 @@ def process_unit(
     layout: DatasetLayout,
     caption_sizes: tuple[int, ...],
     worker: Any,
+    tally: Any = None,
 ) -> dict[str, Any]:
-    """Ray task: produce and commit one unit; returns its stats (also written as the marker)."""
+    """Ray task: produce and commit one unit; returns its stats (also written as the marker).
+
+    While it runs it reports the unit's counts so far to `tally` (a progress.ProgressTally actor).
+    """
     torch.set_num_threads(1)
     started = time.time()
     out = Location.from_url(job.output.url, job.output.storage_options)
@@ -117,6 +122,8 @@ def process_unit(
     failures: list[dict[str, Any]] = []
     written = 0
     clock = StageClock()
+    report_progress = UnitReporter(tally, unit.id)
+    report_progress(0, 0, force=True)
     with open_unit_writer(out, unit.data_file(job.output.format), layout, job.output) as (writer, committed):
         in_flight: deque[tuple[list, Any, Any]] = deque()
 
@@ -137,6 +144,7 @@ def process_unit(
             with clock.stage("write"):
                 writer.write(unit_columns(samples, result, layout))
             written += len(samples)
+            report_progress(written, len(failures))
 
         for prepared in prepare_unit(unit.input, job, caption_sizes, clock):
             failures.extend(prepared.failures)
@@ -163,6 +171,7 @@ def process_unit(
         "seconds_by_stage": clock.rounded(),
     }
     out.write_json_atomic(stats, unit.stats_file)
+    report_progress(written, len(failures), force=True)
     return stats
 
 
@@ -200,9 +209,13 @@ def run_job(
     *,
     address: str | None = None,
     overwrite: bool = False,
-    on_unit_done: Callable[[dict[str, Any], RunSummary], None] | None = None,
+    on_progress: Callable[[RunProgress], None] | None = None,
 ) -> RunSummary:
-    """Run (or resume) a job; committed units are skipped, the manifest is rebuilt at the end."""
+    """Run (or resume) a job; committed units are skipped, the manifest is rebuilt at the end.
+
+    `on_progress` is called about every progress.POLL_SECONDS while units run; the manifest's
+    "runs" gets one record per run that wrote units (progress.run_record).
+    """
     started = time.time()
     check_job(job)
     out, units = plan_output(job, overwrite)
@@ -214,7 +227,7 @@ def run_job(
         if previous["status"] != "complete":  # killed after the last unit, before the manifest
             cards = {kind: [entry["card"] for entry in previous[kind]] for kind in ("teachers", "captioners")}
             manifest = build_manifest(job, layout_for(job, cards), cards, units, done, previous["created_at"])
-            write_manifest(out, manifest)
+            write_manifest(out, {**manifest, "runs": previous.get("runs", [])})
         summary.seconds = time.time() - started
         return summary
     with ray_session(address):
@@ -223,9 +236,13 @@ def run_job(
         cards = {"teachers": described["teachers"], "captioners": described["captioners"]}
         layout = layout_for(job, cards)
         caption_sizes = tuple(sorted({c["input_size"] for c in cards["captioners"]}))
-        created_at = out.read_json(MANIFEST_FILE).get("created_at") if out.exists(MANIFEST_FILE) else None
-        manifest = build_manifest(job, layout, cards, units, done, created_at)
+        previous = out.read_json(MANIFEST_FILE) if out.exists(MANIFEST_FILE) else {}
+        runs = previous.get("runs", [])
+        manifest = {**build_manifest(job, layout, cards, units, done, previous.get("created_at")), "runs": runs}
         write_manifest(out, manifest)
+        tally = start_tally()
+        tracker = ProgressTracker(len(units), len(done))
+        written: list[dict[str, Any]] = []
         unit_task = ray.remote(num_cpus=1, max_retries=2, retry_exceptions=[OSError])(process_unit)
         pending: dict[Any, tuple[Unit, int]] = {}
         load = Counter({i: 0 for i in range(len(workers))})
@@ -237,10 +254,10 @@ def run_job(
                 load[index] += 1
                 strategy = NodeAffinitySchedulingStrategy(nodes[index], soft=True)
                 ref = unit_task.options(scheduling_strategy=strategy).remote(
-                    unit, job, layout, caption_sizes, workers[index]
+                    unit, job, layout, caption_sizes, workers[index], tally
                 )
                 pending[ref] = (unit, index)
-            ready, _ = ray.wait(list(pending), num_returns=1)
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=POLL_SECONDS)
             for ref in ready:
                 unit, index = pending.pop(ref)
                 load[index] -= 1
@@ -248,13 +265,19 @@ def run_job(
                     stats = ray.get(ref)
                 except ray.exceptions.RayError as error:
                     summary.units_failed.append((unit.id, one_line(error)))
+                    tracker.unit_failed()
                     continue
                 done[unit.id] = stats
+                written.append(stats)
+                tracker.unit_done(stats)
                 summary.units_done += 1
                 summary.samples += stats["samples"]
                 summary.failures += stats["failures"]
-                if on_unit_done:
-                    on_unit_done(stats, summary)
-        write_manifest(out, build_manifest(job, layout, cards, units, done, manifest["created_at"]))
-    summary.seconds = time.time() - started
+            progress = tracker.snapshot(*ray.get(tally.totals.remote()))
+            if on_progress:
+                on_progress(progress)
+        summary.seconds = time.time() - started
+        record = run_record(started, summary.seconds, summary.startup_seconds, progress, written)
+        final = build_manifest(job, layout, cards, units, done, manifest["created_at"])
+        write_manifest(out, {**final, "runs": runs + [record]})
     return summary

@@ -55,3 +55,29 @@ def _small_job_dict(shards, output_url, **overrides):
         else:
             data[key] = value
     return data
+
+
+@pytest.fixture(scope="session")
+def reinforced(sample_shards, small_job_dict, tmp_path_factory):
+    """Two real runs of the small job on the sample shards, in one Ray session: an Arrow dataset without
+    images (tools re-read the input shards) and a webdataset one with images; and the progress
+    reports of the first run."""
+    import types
+
+    import ray
+
+    from dr_pipeline.config import parse_job
+    from dr_pipeline.runner import run_job
+
+    root = tmp_path_factory.mktemp("reinforced")
+    arrow = parse_job(small_job_dict(sample_shards, root / "arrow"))
+    webdataset = parse_job(small_job_dict(sample_shards, root / "wds", output={"keep_images": True, "format": "webdataset"}))
+    progress = []
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=300 * 1024**2, log_to_driver=False)
+    try:
+        run_job(arrow, on_progress=progress.append)
+        run_job(webdataset)
+    finally:
+        ray.shutdown()
+    return types.SimpleNamespace(arrow=arrow.output.url, webdataset=webdataset.output.url, arrow_job=arrow,
+                                 progress=progress)

@@ -1,0 +1,177 @@
+"""Live progress of a run, on one machine or a cluster, and the record of it kept in the manifest.
+
+Unit tasks run anywhere in the cluster; after every batch they tell a small Ray
+actor (`ProgressTally`) how many samples and failures their unit holds so far.
+The driver polls it between unit completions. Counts are per unit and replaced,
+not added, so a unit task that Ray retries starts again from zero and no sample
+is counted twice.
+"""
+
+from __future__ import annotations
+
+import datetime
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+POLL_SECONDS = 0.5
+REPORT_SECONDS = 1.0
+
+
+class ProgressTally:
+    """Runs as a Ray actor: each unit's latest (samples, failures)."""
+
+    def __init__(self) -> None:
+        self.units: dict[str, tuple[int, int]] = {}
+
+    def report(self, unit_id: str, samples: int, failures: int) -> None:
+        self.units[unit_id] = (samples, failures)
+
+    def totals(self) -> tuple[int, int]:
+        return sum(s for s, _ in self.units.values()), sum(f for _, f in self.units.values())
+
+
+class UnitReporter:
+    """Task side: sends one unit's counts to the tally at most every REPORT_SECONDS (always when
+    forced), so thousands of unit tasks in a cluster do not flood the one actor."""
+
+    def __init__(self, tally: Any, unit_id: str):
+        self.tally = tally
+        self.unit_id = unit_id
+        self.last = 0.0
+
+    def __call__(self, samples: int, failures: int, force: bool = False) -> None:
+        if self.tally is not None and (force or time.monotonic() - self.last >= REPORT_SECONDS):
+            self.last = time.monotonic()
+            self.tally.report.remote(self.unit_id, samples, failures)
+
+
+def start_tally() -> Any:
+    """The tally actor; zero CPUs so it never waits for a slot, and it lives as long as the driver."""
+    return ray.remote(num_cpus=0)(ProgressTally).remote()
+
+
+@dataclass
+class RunProgress:
+    """What a run has done so far, as the driver sees it."""
+
+    units_planned: int
+    units_skipped: int  # committed before this run
+    units_done: int  # committed by this run
+    units_failed: int
+    samples: int  # written by this run, units in progress included
+    failures: int
+    seconds: float  # since the units started (model start-up excluded)
+    eta_seconds: float | None
+
+    @property
+    def samples_per_second(self) -> float:
+        return self.samples / self.seconds if self.seconds > 0 else 0.0
+
+
+class ProgressTracker:
+    """Driver side: exact unit completions plus the tally's live counts; estimates the time left."""
+
+    def __init__(self, units_planned: int, units_skipped: int):
+        self.units_planned = units_planned
+        self.units_skipped = units_skipped
+        self.started = time.time()
+        self.done_input_samples: list[int] = []
+        self.units_failed = 0
+
+    def unit_done(self, stats: dict[str, Any]) -> None:
+        self.done_input_samples.append(stats["input_samples"])
+
+    def unit_failed(self) -> None:
+        self.units_failed += 1
+
+    def snapshot(self, samples: int, failures: int) -> RunProgress:
+        seconds = time.time() - self.started
+        done = len(self.done_input_samples)
+        remaining_units = self.units_planned - self.units_skipped - done - self.units_failed
+        eta = None
+        read = samples + failures
+        if done and read and seconds > 0:
+            # input samples still to read (units not started at the mean size of the finished ones,
+            # less what units in progress have read), at the rate input samples were read so far
+            finished = sum(self.done_input_samples)
+            left = remaining_units * finished / done - (read - finished)
+            eta = max(left, 0.0) / (read / seconds)
+        return RunProgress(self.units_planned, self.units_skipped, done, self.units_failed, samples, failures,
+                           seconds, eta)
+
+
+def run_record(
+    started_at: float, wall_seconds: float, startup_seconds: float, progress: RunProgress,
+    unit_stats: list[dict[str, Any]],
+) -> dict[str, Any]:
+    """This run's entry in the manifest's "runs": what it did, how fast, and where the time went
+    (seconds by stage summed over the units it wrote; stages of different units overlap in time)."""
+    by_stage: Counter[str] = Counter()
+    for stats in unit_stats:
+        by_stage.update(stats.get("seconds_by_stage", {}))
+    samples = sum(s["samples"] for s in unit_stats)
+    return {
+        "started_at": datetime.datetime.fromtimestamp(started_at, datetime.timezone.utc).isoformat(timespec="seconds"),
+        "wall_seconds": round(wall_seconds, 3),
+        "startup_seconds": round(startup_seconds, 3),
+        "units_written": len(unit_stats),
+        "units_skipped": progress.units_skipped,
+        "units_failed": progress.units_failed,
+        "samples": samples,
+        "failures": sum(s["failures"] for s in unit_stats),
+        "samples_per_second": round(samples / progress.seconds, 3) if progress.seconds > 0 else None,
+        "unit_seconds": round(sum(s["seconds"] for s in unit_stats), 3),
+        "seconds_by_stage": {name: round(value, 3) for name, value in sorted(by_stage.items())},
+    }
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    return str(datetime.timedelta(seconds=int(seconds)))
+
+
+class ProgressDisplay:
+    """A live rich bar in a terminal; without one (cluster job logs), a line every `log_seconds`."""
+
+    def __init__(self, console: Console, title: str, log_seconds: float = 30.0):
+        self.console = console
+        self.title = title
+        self.log_seconds = log_seconds
+        self._last_log = 0.0
+        self._bar: Progress | None = None
+        self._task: Any = None
+
+    def __enter__(self) -> "ProgressDisplay":
+        if self.console.is_terminal:
+            self._bar = Progress(
+                TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("units"),
+                TextColumn("{task.fields[line]}"), TimeElapsedColumn(), console=self.console,
+            )
+            self._bar.__enter__()
+            self._task = self._bar.add_task(self.title, total=None, line="starting models")
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._bar is not None:
+            self._bar.__exit__(*exc)
+
+    @staticmethod
+    def line(progress: RunProgress) -> str:
+        return (f"{progress.samples} samples, {progress.samples_per_second:.1f} samples/s, "
+                f"{progress.failures} failures, ETA {_duration(progress.eta_seconds)}")
+
+    def update(self, progress: RunProgress) -> None:
+        completed = progress.units_skipped + progress.units_done
+        if self._bar is not None:
+            self._bar.update(self._task, total=progress.units_planned, completed=completed, line=self.line(progress))
+        elif time.time() - self._last_log >= self.log_seconds:
+            self._last_log = time.time()
+            self.console.print(f"{self.title}: {completed}/{progress.units_planned} units, {self.line(progress)}",
+                               highlight=False, soft_wrap=True)
