@@ -85,6 +85,22 @@ def inspect(
 
 
 @app.command()
+def validate(
+    dataset_url: str = typer.Argument(..., metavar="OUT", help="dataset folder URL"),
+    workers: int = typer.Option(4, "--workers", min=1, help="units checked at once"),
+) -> None:
+    """Check every unit against the schema and the manifest; exit 1 with one line per problem."""
+    from dr_pipeline.validate import validate_dataset
+
+    report = validate_dataset(dataset_url, workers=workers)
+    for problem in report.problems:
+        typer.echo(problem)
+    if report.problems:
+        raise typer.Exit(1)
+    typer.echo(f"intact: {report.units} units, {report.rows} samples, {report.files} files checked")
+
+
+@app.command()
 def teachers() -> None:
     """Known teacher and captioner kinds, with an example spec each."""
     from teachers import teacher_kinds

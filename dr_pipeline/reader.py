@@ -21,7 +21,8 @@ from dr_pipeline.manifest import read_manifest
 from dr_pipeline.schema import DatasetLayout, from_storage
 
 
-def _embedding_matrix(column: pa.Array, rows: int, dim: int) -> np.ndarray:
+def embedding_matrix(column: pa.Array, rows: int, dim: int) -> np.ndarray:
+    """An embedding column ([rows] x [dim] fixed-size lists) as [len, rows, dim] in its storage dtype."""
     return np.asarray(column.flatten().flatten().to_numpy(zero_copy_only=False)).reshape(len(column), rows, dim)
 
 
@@ -64,7 +65,7 @@ class ReinforcedDataset:
         with self.location.fs.open(path, "rb") as handle:
             for batch in pq.ParquetFile(handle).iter_batches(batch_size=256):
                 embeddings = {
-                    name: _embedding_matrix(batch.column(name), *shapes[name]) for name in shapes
+                    name: embedding_matrix(batch.column(name), *shapes[name]) for name in shapes
                 }
                 plain = batch.drop_columns(list(shapes)).to_pylist()
                 for i, row in enumerate(plain):
