@@ -85,6 +85,29 @@ def inspect(
 
 
 @app.command()
+def show(
+    dataset_url: str = typer.Argument(..., metavar="OUT", help="dataset folder URL"),
+    key: Optional[str] = typer.Option(None, "--key", help="sample key or source key (default: a random sample)"),
+    out: str = typer.Option("grid.png", "--out", help="PNG to write"),
+    seed: Optional[int] = typer.Option(None, "--seed", help="seed of the random pick (without --key)"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
+) -> None:
+    """Draw one sample: the original, its K replayed views, captions, and per teacher each view's cosine with the real caption."""
+    from dr_pipeline.reader import open_dataset
+    from dr_pipeline.show import show_sample
+
+    shown = _guarded(lambda: show_sample(open_dataset(dataset_url), key, out, seed))
+    if as_json:
+        sys.stdout.write(json.dumps(shown, indent=1) + "\n")
+        return
+    console.print(f"{shown['key']} (unit {shown['unit']}) -> {out} ({shown['png_size'][0]} x {shown['png_size'][1]})",
+                  highlight=False, soft_wrap=True)
+    console.print("cosine of each view's embedding with the real caption's embedding:", highlight=False)
+    for teacher, cosines in shown["cosines"].items():
+        console.print(f"  {teacher}  " + " ".join(f"{c:.4f}" for c in cosines), highlight=False, soft_wrap=True)
+
+
+@app.command()
 def validate(
     dataset_url: str = typer.Argument(..., metavar="OUT", help="dataset folder URL"),
     workers: int = typer.Option(4, "--workers", min=1, help="units checked at once"),
