@@ -8,6 +8,7 @@ from typing import Any, Callable, Optional, TypeVar
 
 import typer
 from rich.console import Console
+from rich.table import Table
 
 from dr_pipeline.errors import ConfigError, DatasetError, DrGenError
 
@@ -121,6 +122,46 @@ def validate(
     if report.problems:
         raise typer.Exit(1)
     typer.echo(f"intact: {report.units} units, {report.rows} samples, {report.files} files checked")
+
+
+@app.command()
+def verify(
+    dataset_url: str = typer.Argument(..., metavar="OUT", help="dataset folder URL"),
+    samples: int = typer.Option(64, "--samples", min=1, help="random samples to recompute"),
+    threshold: float = typer.Option(0.99, "--threshold", help="lowest acceptable cosine"),
+    seed: int = typer.Option(0, "--seed", help="seed of the random pick"),
+    device: str = typer.Option("cpu", "--device", help="torch device for the teachers, e.g. cuda"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
+) -> None:
+    """Recompute every teacher's embeddings of the replayed views and captions of N samples; compare cosines."""
+    from dr_pipeline.reader import open_dataset
+    from dr_pipeline.verify import verify_dataset
+
+    keys, checks = _guarded(lambda: verify_dataset(open_dataset(dataset_url), samples, seed, device))
+    failed = [c for c in checks if c.min < threshold]
+    if as_json:
+        report = {"samples": keys, "threshold": threshold, "passed": not failed,
+                  "teachers": [c.to_dict() for c in checks]}
+        sys.stdout.write(json.dumps(report, indent=1) + "\n")
+    else:
+        table = Table("teacher", "min", "mean", "views min / mean", "texts min / mean", "worst sample",
+                      title=f"cosine of recomputed and stored embeddings, {len(keys)} samples", title_justify="left")
+        for check in checks:
+            parts = check.to_dict()
+            table.add_row(check.teacher, f"{check.min:.6f}", f"{check.mean:.6f}",
+                          *(f"{parts[p]['min']:.6f} / {parts[p]['mean']:.6f}" if parts[p] else "-"
+                            for p in ("image", "text")),
+                          str(check.worst_key))
+        console.print(table)
+        for check in checks:
+            if check.card_differences:
+                console.print(f"note: {check.teacher} rebuilt from its spec differs from its card in "
+                              f"{', '.join(check.card_differences)}", highlight=False, soft_wrap=True)
+    for check in failed:
+        errors.print(f"{check.teacher}: min cosine {check.min:.6f} below {threshold} (sample {check.worst_key})",
+                     highlight=False, soft_wrap=True)
+    if failed:
+        raise typer.Exit(1)
 
 
 @app.command()
