@@ -66,6 +66,30 @@ def run(
 
 
 @app.command()
+def plan(
+    job_file: str = typer.Argument(..., metavar="JOB.yaml", help="job config"),
+    input_urls: Optional[list[str]] = typer.Option(None, "--input", help="input shards (URL, brace pattern or glob); repeatable"),
+    gpu: Optional[str] = typer.Option(None, "--gpu", help="GPU type for the GPU-hours: a100, h100 (default), h200, b200, l4, ..."),
+    tflops: Optional[float] = typer.Option(None, "--tflops", help="peak TFLOP/s of the GPU, instead of the table's"),
+    mfu: Optional[float] = typer.Option(None, "--mfu", help="assumed model FLOPs utilisation of image and text forwards"),
+    decode_mfu: Optional[float] = typer.Option(None, "--decode-mfu", help="assumed model FLOPs utilisation of caption decoding"),
+    count_shards: Optional[int] = typer.Option(None, "--count-shards", min=1, help="shards whose samples are counted"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
+) -> None:
+    """Estimate a job before running it: shards, samples, views, forward passes, caption tokens, FLOPs, GPU-hours, bytes."""
+    from dr_pipeline.config import load_job
+    from dr_pipeline.estimate import plan_job, print_plan
+
+    job = _guarded(lambda: load_job(job_file, input_urls=_input_override(input_urls)))
+    given = {"gpu": gpu, "tflops": tflops, "mfu": mfu, "decode_mfu": decode_mfu, "counted_shards": count_shards}
+    estimate = _guarded(lambda: plan_job(job, **{name: value for name, value in given.items() if value is not None}))
+    if as_json:
+        sys.stdout.write(json.dumps(estimate.to_dict(), indent=1) + "\n")
+    else:
+        print_plan(estimate, console)
+
+
+@app.command()
 def inspect(
     dataset_url: str = typer.Argument(..., metavar="OUT", help="dataset folder URL"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),

@@ -35,6 +35,7 @@ from teachers.base import (
     resolve_precision,
 )
 from teachers.coca_decoding import FullRecomputeStepper, KVCacheStepper, kv_cache_unsupported
+from teachers.flops import DecoderShape, ModelCost, attentional_pool_flops, text_flops, vit_flops
 from teachers.registry import Role, TeacherKind, register_kind
 from teachers.sampling import postprocess_caption, sample_tokens
 
@@ -114,6 +115,54 @@ def spec_problem(rest: str, role: Role) -> str | None:
     if role == "captioner" and not _is_generative(spec.model):
         return _NOT_GENERATIVE.format(spec.model)
     return None
+
+
+def estimate_cost(rest: str, role: Role) -> ModelCost | None:
+    """Per-item forward FLOPs from the model's open_clip config (no weights read; see teachers/flops.py).
+
+    ViT towers and open_clip text towers are covered; a timm or Hugging Face tower
+    gets None for its FLOPs. An hf-hub spec is covered when open_clip's pretrained
+    list names its architecture.
+    """
+    spec = OpenClipSpec.parse(rest)
+    model = _registry_model_of_hub_id(spec.hub_id) if spec.hub_id is not None else spec.model
+    config = open_clip.get_model_config(model) if model else None
+    if not config:
+        return None
+    embed_dim = config["embed_dim"]
+    vision, text = config["vision_cfg"], config["text_cfg"]
+    image = described = None
+    if "timm_model_name" not in vision and isinstance(vision.get("layers"), int):
+        size = vision.get("image_size", 224)
+        size = size if isinstance(size, int) else size[0]
+        patch, width = vision["patch_size"], vision["width"]
+        image = vit_flops(size, patch, width, vision["layers"], embed_dim, vision.get("mlp_ratio", 4.0))
+        if vision.get("attentional_pool"):
+            tokens = (size // patch) ** 2 + 1
+            image += attentional_pool_flops(tokens, width, vision.get("attn_pooler_queries", 256), embed_dim)
+        described = f"ViT {size}px/{patch} width {width} x {vision['layers']} layers"
+    text_cost = None
+    if "hf_model_name" not in text:
+        tokens = text["context_length"] + (1 if text.get("embed_cls") else 0)  # CoCa appends a CLS token
+        text_cost = text_flops(tokens, text["width"], text["layers"], embed_dim,
+                               text.get("mlp_ratio", 4.0))
+    decoder = None
+    multimodal = config.get("multimodal_cfg")
+    if multimodal and role == "captioner":
+        decoder = DecoderShape(
+            text_width=text["width"],
+            text_layers=text["layers"],
+            decoder_width=multimodal["width"],
+            decoder_layers=multimodal["layers"],
+            vocab_size=multimodal.get("vocab_size", text["vocab_size"]),
+            image_tokens=vision.get("attn_pooler_queries", 256) - 1,  # the first pooled token is the embedding
+            mlp_ratio=multimodal.get("mlp_ratio", 4.0),
+        )
+    architecture = ", ".join(filter(None, [
+        model, described or "image tower not covered",
+        f"text width {text['width']} x {text['layers']} layers, context {text['context_length']}",
+    ]))
+    return ModelCost(embed_dim, image, text_cost, decoder, architecture)
 
 
 def _one_line(error: BaseException, limit: int = 300) -> str:
@@ -318,5 +367,6 @@ register_kind(
         spec_problem=spec_problem,
         build_teacher=build_open_clip_teacher,
         build_captioner=build_open_clip_captioner,
+        estimate_cost=estimate_cost,
     )
 )

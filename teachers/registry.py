@@ -17,6 +17,7 @@ import torch
 from dr_pipeline.config import CaptionerConfig, TeacherConfig
 from dr_pipeline.errors import ConfigError
 from teachers.base import Captioner, Teacher
+from teachers.flops import ModelCost
 
 Role = Literal["teacher", "captioner"]
 
@@ -30,7 +31,8 @@ class TeacherKind:
     `spec_problem(rest, role)` returns a one-line problem, or None when the spec looks usable;
     it must load no model and touch no network. The builders receive REST, the job's config
     entry, the device and the requested precision; a kind without a captioner builder
-    cannot caption.
+    cannot caption. `estimate_cost(rest, role)`, when given, returns per-item forward
+    FLOPs from the architecture alone (no weights), for `dr-gen plan`.
     """
 
     name: str
@@ -39,6 +41,7 @@ class TeacherKind:
     spec_problem: Callable[[str, Role], str | None]
     build_teacher: Callable[[str, TeacherConfig, torch.device, str], Teacher]
     build_captioner: Callable[[str, CaptionerConfig, torch.device, str], Captioner] | None = None
+    estimate_cost: Callable[[str, Role], ModelCost | None] | None = None
 
     @property
     def roles(self) -> list[Role]:
@@ -64,8 +67,8 @@ def _kinds() -> dict[str, TeacherKind]:
     return _KINDS
 
 
-def _resolve(spec: str, role: Role) -> tuple[TeacherKind, str]:
-    """The kind of `spec` and its REST, after the offline checks; ConfigError on any problem."""
+def _kind_of(spec: str, role: Role) -> tuple[TeacherKind, str]:
+    """The kind of `spec` and its REST; ConfigError when no kind can take it in this role."""
     if not spec.strip():
         raise ConfigError(f"empty {role} spec: expected KIND:NAME, e.g. open_clip:ViT-B-32/openai")
     kind_name, colon, rest = spec.partition(":")
@@ -77,6 +80,12 @@ def _resolve(spec: str, role: Role) -> tuple[TeacherKind, str]:
     kind = kinds[kind_name]
     if role not in kind.roles:
         raise ConfigError(f"{role} spec {spec!r}: kind {kind_name!r} cannot be a {role}")
+    return kind, rest
+
+
+def _resolve(spec: str, role: Role) -> tuple[TeacherKind, str]:
+    """The kind of `spec` and its REST, after the offline checks; ConfigError on any problem."""
+    kind, rest = _kind_of(spec, role)
     problem = kind.spec_problem(rest, role)
     if problem:
         raise ConfigError(f"{role} spec {spec!r}: {problem}")
@@ -99,6 +108,15 @@ def build_captioner(
     kind, rest = _resolve(config.spec, "captioner")
     assert kind.build_captioner is not None  # _resolve checked the role
     return kind.build_captioner(rest, config, torch.device(device), precision)
+
+
+def model_cost(spec: str, role: Role) -> ModelCost | None:
+    """Per-item cost of the model a spec names, from its architecture; None when its kind cannot tell.
+
+    The spec's own checks are not run: a weights file missing on the planning machine does not
+    change what the model costs."""
+    kind, rest = _kind_of(spec, role)
+    return kind.estimate_cost(rest, role) if kind.estimate_cost is not None else None
 
 
 def teacher_kinds() -> list[dict]:
