@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: setup demo test bench clean
+.PHONY: setup browser demo test bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,7 +22,20 @@ demo: setup
 	$(BIN)/dr-gen run jobs/quickstart.yaml
 	$(BIN)/dr-gen inspect out/quickstart
 
-test: setup
+# Headless Chromium renders the HTML report in tests/test_report_html.py. Installed from Debian
+# packages when missing and apt-get can run; without it that test is skipped, saying why.
+browser:
+	@if command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 \
+	    || command -v google-chrome >/dev/null 2>&1; then true; \
+	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium \
+	    || echo "could not install chromium: the HTML report test will be skipped"; \
+	elif command -v apt-get >/dev/null 2>&1 && sudo -n true 2>/dev/null; then \
+	    sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	    chromium || echo "could not install chromium: the HTML report test will be skipped"; \
+	else echo "no chromium and no apt-get as root: the HTML report test will be skipped"; fi
+
+test: setup browser
 	$(BIN)/python -m pytest -q tests
 
 bench: setup

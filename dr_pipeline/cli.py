@@ -6,6 +6,7 @@ import json
 import sys
 from typing import Any, Callable, Optional, TypeVar
 
+import fsspec
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -93,6 +94,8 @@ def plan(
 def inspect(
     dataset_url: str = typer.Argument(..., metavar="OUT", help="dataset folder URL"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
+    html_report: Optional[str] = typer.Option(None, "--html", help="also write a self-contained HTML page of plots"),
+    report_rows: int = typer.Option(5000, "--report-rows", min=1, help="samples read for the HTML plots"),
 ) -> None:
     """Summarise a dataset: schema, teachers, captioners, counts, failures, one sample."""
     from dr_pipeline.reader import open_dataset
@@ -100,6 +103,11 @@ def inspect(
 
     def summarise() -> tuple[dict[str, Any], dict[str, Any] | None]:
         dataset = open_dataset(dataset_url)
+        if html_report:
+            from dr_pipeline.report_html import render_report
+
+            with fsspec.open(html_report, "w", encoding="utf-8") as page:
+                page.write(render_report(dataset, report_rows))
         return dataset_summary(dataset), first_sample(dataset)
 
     summary, sample = _guarded(summarise)
@@ -107,6 +115,8 @@ def inspect(
         sys.stdout.write(json.dumps({**summary, "sample": sample}, indent=1) + "\n")
     else:
         print_summary(summary, sample, console)
+    if html_report:
+        errors.print(f"wrote {html_report}", highlight=False, soft_wrap=True)
 
 
 @app.command()
