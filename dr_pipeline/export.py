@@ -109,7 +109,7 @@ def datacompdr_config(dataset: ReinforcedDataset) -> dict[str, Any]:
     }
 
 
-def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
+def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
     """An .npz as np.load reads it, never pickled, with fixed member timestamps (np.savez
     stamps the current time) so that an export is byte-for-byte reproducible."""
     buffer = io.BytesIO()
@@ -134,7 +134,7 @@ def datacompdr_members(dataset: ReinforcedDataset, row: dict[str, Any], with_ima
         "txt": row["text"].encode(),
         "syn.json": _json({"syn_text": synthetic}),
         "paug.json": _json({"param_aug": [view.to_datacompdr() for view in row["aug"]]}),
-        "npz": npz_bytes({
+        "npz": _npz_bytes({
             "image_emb": np.concatenate([row[t.image_column] for t in layout.teachers], axis=1).astype(npz_dtype),
             "text_emb": np.concatenate([row[t.text_column] for t in layout.teachers], axis=1).astype(npz_dtype),
         }),

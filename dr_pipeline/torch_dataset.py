@@ -22,6 +22,7 @@ same on every run. A shuffle buffer then mixes samples within a slot.
 from __future__ import annotations
 
 import random
+import warnings
 from typing import Any, Iterable, Iterator, Literal, Sequence
 
 import numpy as np
@@ -66,6 +67,8 @@ class ReinforcedTorchDataset(IterableDataset):
         super().__init__()
         if sampling not in ("random", "sequential"):
             raise ValueError(f"sampling must be 'random' or 'sequential', got {sampling!r}")
+        if rank is not None and world_size is not None and not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside 0..{world_size - 1}")
         self.dataset = open_dataset(dataset, storage_options) if isinstance(dataset, str) else dataset
         self.renderer = ViewRenderer(dataset_job(self.dataset))
         self.image_size = image_size or self.renderer.view_size
@@ -107,9 +110,16 @@ class ReinforcedTorchDataset(IterableDataset):
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         slot, slots = self._slot()
+        units = self.units_for(slot, slots)
+        if not units:
+            warnings.warn(
+                f"reader slot {slot} of {slots} (ranks x DataLoader workers) gets no samples: the dataset has "
+                f"only {len(self.dataset.units)} units (one per input shard); use fewer DataLoader workers",
+                stacklevel=2,
+            )
         rows = (
             row
-            for unit in self.units_for(slot, slots)
+            for unit in units
             for row in unit_rows_with_images(self.dataset, unit, self.input_storage_options)
         )
         if self.shuffle_buffer > 1:

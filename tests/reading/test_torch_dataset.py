@@ -127,6 +127,14 @@ def test_ranks_and_workers_read_every_sample_once(generated):
     assert all(per_rank)
 
 
+def test_a_slot_without_units_warns_and_a_bad_rank_is_refused(generated):
+    url = generated["kept"].job.output.url
+    with pytest.warns(UserWarning, match="reader slot 3 of 4 .* gets no samples: the dataset has only 3 units"):
+        assert list(ReinforcedTorchDataset(url, rank=3, world_size=4)) == []
+    with pytest.raises(ValueError, match="rank 2 is outside 0..1"):
+        ReinforcedTorchDataset(url, rank=2, world_size=2)
+
+
 def test_dataloader_collates_batches(generated):
     torch_dataset = ReinforcedTorchDataset(generated["from_input"].job.output.url, image_size=64)
     batch = next(iter(DataLoader(torch_dataset, batch_size=5)))
