@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from enum import Enum
 from typing import Any, Callable, Optional, TypeVar
 
 import fsspec
@@ -196,6 +197,34 @@ def verify(
                      highlight=False, soft_wrap=True)
     if failed:
         raise typer.Exit(1)
+
+
+class ExportFormat(str, Enum):
+    datacompdr = "datacompdr"
+
+
+@app.command()
+def export(
+    dataset_url: str = typer.Argument(..., metavar="OUT", help="dataset folder URL"),
+    dest: str = typer.Argument(..., metavar="DEST", help="folder URL to write the export to"),
+    export_format: ExportFormat = typer.Option(..., "--format", help="layout to write"),
+    images: bool = typer.Option(
+        True, "--images/--no-images",
+        help="include the original images (from the dataset, or read again from its input shards)",
+    ),
+) -> None:
+    """Write a dataset in another training layout: datacompdr = Apple's DataCompDR tars + config.json."""
+    from dr_pipeline.export import export_datacompdr
+    from dr_pipeline.reader import open_dataset
+
+    def write() -> Any:
+        return export_datacompdr(
+            open_dataset(dataset_url), dest, images=images,
+            on_unit=lambda unit_id, so_far: console.print(f"{unit_id}: {so_far.samples} samples so far", highlight=False),
+        )
+
+    summary = _guarded(write)
+    console.print(f"{summary.dest}: {summary.units} tars, {summary.samples} samples ({export_format.value})")
 
 
 @app.command()

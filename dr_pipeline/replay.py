@@ -1,30 +1,86 @@
-"""Replaying stored samples: pick rows, get their original images back, render their views.
+"""Replaying stored samples: get their original images back and render their views again.
 
-`show` and `verify` both need the K views exactly as the teachers saw them. A
-dataset stores only the view parameters, so the views are rendered again with
-`augment.render_views` from the decoded original: the output's `image` column
-when the job kept images, else the sample re-read from its input shard (the
-unredacted URL from plan.json) and checked against the stored sha256.
+A dataset stores only view parameters, so `show`, `verify`, the PyTorch dataset and
+the exporter render the views again with the generator's own `augment.render_view`
+from the decoded original. The original is the output's `image` column when the job
+kept images, else the sample re-read from the unit's input shard (the unredacted URL
+from plan.json) and checked against the sha256 recorded at generation, so a moved or
+rewritten input is an error rather than a silently wrong view.
 """
 
 from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
 
-from dr_pipeline.augment import render_views
-from dr_pipeline.config import JobConfig
+from dr_pipeline.augment import render_view, render_views
+from dr_pipeline.config import InputConfig, JobConfig
 from dr_pipeline.decode import decode_image
 from dr_pipeline.errors import DatasetError
-from dr_pipeline.inputs import RawSample, iter_shard
+from dr_pipeline.inputs import InputFailure, RawSample, iter_shard
 from dr_pipeline.plan import read_plan
 from dr_pipeline.reader import ReinforcedDataset
 from dr_pipeline.schema import DatasetLayout, safe_key
 from dr_pipeline.storage import redact_url
+
+
+def dataset_job(dataset: ReinforcedDataset) -> JobConfig:
+    """The job that wrote the dataset, from the resolved config in its manifest."""
+    return JobConfig.model_validate(dataset.manifest["config"])
+
+
+def _input_config(dataset: ReinforcedDataset, storage_options: dict[str, Any] | None) -> InputConfig:
+    """The recorded input settings with caller-given storage options (the manifest stores none: credentials)."""
+    recorded = dataset.manifest["config"]["input"]
+    return InputConfig.model_validate({**recorded, "storage_options": storage_options or {}})
+
+
+def _unit_inputs(dataset: ReinforcedDataset) -> dict[str, str]:
+    """Unit id -> input shard URL as planned (the manifest's copy is redacted)."""
+    plan = read_plan(dataset.location)
+    return {u.id: u.input for u in plan[1]} if plan else {u["id"]: u["input"] for u in dataset.units}
+
+
+def _checked(data: bytes, row: dict[str, Any], shard: str) -> bytes:
+    if hashlib.sha256(data).hexdigest() != row["image_sha256"]:
+        raise DatasetError(
+            f"sample {row['source_key']!r}: the image in {redact_url(shard)} differs from the one reinforced "
+            "(sha256 mismatch; the input changed since the run)"
+        )
+    return data
+
+
+def unit_rows_with_images(
+    dataset: ReinforcedDataset, unit: dict[str, Any], input_storage_options: dict[str, Any] | None = None
+) -> Iterator[dict[str, Any]]:
+    """The rows of one unit with `image` holding the original encoded bytes.
+
+    A unit's rows are in its input shard's order, so the two are joined in one
+    forward pass by source key.
+    """
+    rows = dataset.iter_unit(unit)
+    if dataset.manifest["config"]["output"]["keep_images"]:
+        yield from rows
+        return
+    shard = _unit_inputs(dataset).get(unit["id"], unit["input"])
+    source = iter_shard(shard, _input_config(dataset, input_storage_options))
+    for row in rows:
+        for item in source:
+            if isinstance(item, InputFailure):
+                raise DatasetError(f"unit {unit['id']}: cannot read its input shard {redact_url(shard)}: {item.detail}")
+            if item.source_key == row["source_key"] and item.image is not None:
+                break
+        else:
+            raise DatasetError(
+                f"unit {unit['id']}: sample {row['source_key']!r} is not in its input shard {redact_url(shard)} "
+                "(moved or rewritten since generation?)"
+            )
+        row["image"] = _checked(item.image, row, shard)
+        yield row
 
 
 @dataclass
@@ -37,11 +93,6 @@ class StoredSample:
     @property
     def key(self) -> str:
         return self.row["key"]
-
-
-def dataset_job(dataset: ReinforcedDataset) -> JobConfig:
-    """The job that wrote the dataset, from the resolved config in its manifest."""
-    return JobConfig.model_validate(dataset.manifest["config"])
 
 
 def pick_samples(dataset: ReinforcedDataset, count: int, seed: int | None) -> list[StoredSample]:
@@ -70,35 +121,31 @@ def find_sample(dataset: ReinforcedDataset, key: str) -> StoredSample:
     raise DatasetError(f"no sample with key {key!r} in {redact_url(dataset.location.url())}")
 
 
-def original_images(dataset: ReinforcedDataset, job: JobConfig, samples: list[StoredSample]) -> list[bytes]:
+def original_images(
+    dataset: ReinforcedDataset, samples: list[StoredSample], input_storage_options: dict[str, Any] | None = None
+) -> list[bytes]:
     """The encoded original of each sample: from the output when kept, else from its input shard."""
     found: dict[str, bytes] = {s.key: s.row["image"] for s in samples if s.row.get("image") is not None}
     missing = [s for s in samples if s.key not in found]
     if missing:
-        plan = read_plan(dataset.location)
-        inputs = {u.id: u.input for u in plan[1]} if plan else {}
+        inputs = _unit_inputs(dataset)
+        config = _input_config(dataset, input_storage_options)
         for unit_id in dict.fromkeys(s.unit["id"] for s in missing):
-            url = inputs.get(unit_id) or next(s.unit["input"] for s in missing if s.unit["id"] == unit_id)
             keys = {s.key for s in missing if s.unit["id"] == unit_id}
-            found.update(_read_from_input(url, keys, job))
+            found.update(_read_from_input(inputs[unit_id], keys, config))
     originals = []
     for sample in samples:
+        shard = sample.unit["input"]
         if sample.key not in found:
-            raise DatasetError(f"sample {sample.key}: not found in its input shard {redact_url(sample.unit['input'])}")
-        data = found[sample.key]
-        if hashlib.sha256(data).hexdigest() != sample.row["image_sha256"]:
-            raise DatasetError(
-                f"sample {sample.key}: the image in {redact_url(sample.unit['input'])} is not the one reinforced "
-                "(sha256 differs); the input changed since the run"
-            )
-        originals.append(data)
+            raise DatasetError(f"sample {sample.key}: not found in its input shard {redact_url(shard)}")
+        originals.append(_checked(found[sample.key], sample.row, shard))
     return originals
 
 
-def _read_from_input(url: str, keys: set[str], job: JobConfig) -> dict[str, bytes]:
+def _read_from_input(url: str, keys: set[str], config: InputConfig) -> dict[str, bytes]:
     """Image bytes of the samples of one input shard whose output keys are in `keys`."""
     found: dict[str, bytes] = {}
-    for item in iter_shard(url, job.input):
+    for item in iter_shard(url, config):
         if isinstance(item, RawSample) and item.image is not None:
             key = safe_key(item.source_key)
             if key in keys and key not in found:
@@ -108,12 +155,31 @@ def _read_from_input(url: str, keys: set[str], job: JobConfig) -> dict[str, byte
     return found
 
 
-def replay_views(job: JobConfig, image: bytes, row: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-    """The decoded original uint8 [3, H, W] and the row's K views uint8 [K, 3, S, S], rendered
-    exactly as at generation."""
-    cfg = job.augmentation
-    pixels = decode_image(image, job.input.max_image_pixels)
-    return pixels, render_views(pixels, row["aug"], cfg.random_resized_crop.size, cfg)
+class ViewRenderer:
+    """Renders a row's stored views from its original image, as the generator did."""
+
+    def __init__(self, job: JobConfig):
+        self.augmentation = job.augmentation
+        self.max_image_pixels = job.input.max_image_pixels
+
+    @property
+    def view_size(self) -> int:
+        """The size the generator rendered (and the teachers were given) views at."""
+        return self.augmentation.random_resized_crop.size
+
+    def decode(self, row: dict[str, Any]) -> torch.Tensor:
+        if row.get("image") is None:
+            raise DatasetError(f"sample {row['key']!r} has no image bytes to replay its views from")
+        return decode_image(row["image"], self.max_image_pixels)
+
+    def render(self, row: dict[str, Any], index: int, size: int | None = None) -> torch.Tensor:
+        """View `index` of the row as uint8 [3, size, size] (default: the generator's view size)."""
+        return render_view(self.decode(row), row["aug"][index], size or self.view_size, self.augmentation)
+
+    def render_all(self, row: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The decoded original uint8 [3, H, W] and all K views uint8 [K, 3, S, S] at the generator's size."""
+        pixels = self.decode(row)
+        return pixels, render_views(pixels, row["aug"], self.view_size, self.augmentation)
 
 
 def row_texts(row: dict[str, Any], layout: DatasetLayout) -> list[str]:

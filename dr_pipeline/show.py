@@ -20,7 +20,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from dr_pipeline.augment import RAND_AUGMENT_OPS, ViewParams
 from dr_pipeline.reader import ReinforcedDataset
-from dr_pipeline.replay import dataset_job, find_sample, original_images, pick_samples, replay_views
+from dr_pipeline.replay import ViewRenderer, dataset_job, find_sample, original_images, pick_samples
 from dr_pipeline.schema import DatasetLayout
 
 TILE = 224  # side of every image cell, in pixels
@@ -79,8 +79,8 @@ def view_caption_cosines(row: dict[str, Any], layout: DatasetLayout) -> dict[str
 def show_sample(dataset: ReinforcedDataset, key: str | None, out_path: str, seed: int | None = None) -> dict[str, Any]:
     """Write the grid of one sample (by key, else random) to `out_path`; returns what it shows."""
     sample = find_sample(dataset, key) if key is not None else pick_samples(dataset, 1, seed)[0]
-    job = dataset_job(dataset)
-    original, views = replay_views(job, original_images(dataset, job, [sample])[0], sample.row)
+    sample.row["image"] = original_images(dataset, [sample])[0]
+    original, views = ViewRenderer(dataset_job(dataset)).render_all(sample.row)
     cosines = view_caption_cosines(sample.row, dataset.layout)
     captions = [("caption", sample.row["text"])] + [
         (f"{c.id} #{i + 1}", text)

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from dr_pipeline.reader import ReinforcedDataset
-from dr_pipeline.replay import dataset_job, original_images, pick_samples, replay_views, row_texts
+from dr_pipeline.replay import ViewRenderer, dataset_job, original_images, pick_samples, row_texts
 from teachers import build_teacher
 
 DEFAULT_THRESHOLD = 0.99
@@ -77,10 +77,10 @@ def verify_dataset(
     job = dataset_job(dataset)
     layout = dataset.layout
     samples = pick_samples(dataset, num_samples, seed)
-    views = torch.cat([
-        replay_views(job, image, sample.row)[1]
-        for image, sample in zip(original_images(dataset, job, samples), samples)
-    ])
+    renderer = ViewRenderer(job)
+    for image, sample in zip(original_images(dataset, samples), samples):
+        sample.row["image"] = image
+    views = torch.cat([renderer.render_all(sample.row)[1] for sample in samples])
     texts = [text for sample in samples for text in row_texts(sample.row, layout)]
     view_owner = [s.key for s in samples for _ in range(layout.num_views)]
     text_owner = [s.key for s in samples for _ in range(layout.num_texts)]
