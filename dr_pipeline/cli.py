@@ -101,8 +101,16 @@ def teachers() -> None:
 
     for kind in teacher_kinds():
         console.print(f"[bold]{kind['kind']}[/bold]  ({', '.join(kind['roles'])})", highlight=False)
-        console.print(f"  example: {kind['example']}", highlight=False, soft_wrap=True)
-        console.print(f"  {kind['description']}", highlight=False, soft_wrap=True)
+        console.print(f"  example: {kind['example']}", highlight=False, soft_wrap=True, markup=False)
+        if kind["captioner_example"]:
+            example = kind["captioner_example"]
+            console.print(f"  captioner example: {example}", highlight=False, soft_wrap=True, markup=False)
+        console.print(f"  {kind['description']}", highlight=False, soft_wrap=True, markup=False)
+        options = kind["options"]
+        for name, meaning in (options or {}).items():
+            console.print(f"  option {name}: {meaning}", highlight=False, soft_wrap=True, markup=False)
+        if options is None:
+            console.print("  options: any, passed to the class", highlight=False)
 
 
 @app.command("sample-data")

@@ -56,9 +56,9 @@ def one_line(error: BaseException) -> str:
 def check_job(job: JobConfig) -> None:
     """Everything that can be checked without loading a model or starting Ray."""
     for teacher in job.teachers:
-        check_spec(teacher.spec, "teacher")
+        check_spec(teacher.spec, "teacher", teacher.options)
     for captioner in job.captioners:
-        check_spec(captioner.spec, "captioner")
+        check_spec(captioner.spec, "captioner", captioner.options)
 
 
 def _check_writable(out: Location) -> None:

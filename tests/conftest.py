@@ -55,3 +55,14 @@ def _small_job_dict(shards, output_url, **overrides):
         else:
             data[key] = value
     return data
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models run fastest on one thread: torch's thread pool mostly waits on a loaded machine."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
