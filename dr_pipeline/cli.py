@@ -37,15 +37,23 @@ def run(
     output_url: Optional[str] = typer.Option(None, "--output", help="output folder URL"),
     address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address (default: RAY_ADDRESS, else local)"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an output written with another config"),
+    extend: Optional[str] = typer.Option(
+        None, "--extend", metavar="OUT",
+        help="add JOB's teachers and captioners that the dataset OUT lacks, as sidecar files; nothing is recomputed",
+    ),
 ) -> None:
     """Reinforce a dataset: plan, run teachers and captioners on Ray, write shards and dataset.json."""
     from dr_pipeline.config import load_job
+    from dr_pipeline.extend import extend_dataset
     from dr_pipeline.runner import run_job
 
+    if extend is not None and (output_url is not None or overwrite):
+        errors.print("[red]error:[/red] --extend OUT names the output: drop --output and --overwrite", highlight=False)
+        raise typer.Exit(2)
     job = _guarded(lambda: load_job(
         job_file,
         input_urls=None if not input_urls else (input_urls[0] if len(input_urls) == 1 else input_urls),
-        output_url=output_url,
+        output_url=extend if extend is not None else output_url,
     ))
     with Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("units"),
@@ -61,7 +69,10 @@ def run(
                 samples=summary.samples, failures=summary.failures, rate=f"{summary.samples / elapsed:.1f}",
             )
 
-        summary = _guarded(lambda: run_job(job, address=address, overwrite=overwrite, on_unit_done=on_unit_done))
+        if extend is not None:
+            summary = _guarded(lambda: extend_dataset(job, address=address, on_unit_done=on_unit_done))
+        else:
+            summary = _guarded(lambda: run_job(job, address=address, overwrite=overwrite, on_unit_done=on_unit_done))
         progress.update(task, total=summary.units_planned, completed=summary.units_skipped + summary.units_done)
     console.print(
         f"{summary.output}: {summary.units_done} units written, {summary.units_skipped} already committed, "

@@ -29,7 +29,7 @@ class TimmImageTeacher:
     def __init__(self, config: TeacherConfig, device: torch.device, precision: str):
         name = config.options.get("model")
         if not isinstance(name, str):
-            raise ConfigError(f"teacher {config.id!r}: options.model must name a timm model, e.g. vit_small_patch14_dinov2")
+            raise ConfigError(f"teacher {config.id!r}: options.model must name a timm model (timm.list_models())")
         pretrained = bool(config.options.get("pretrained", True))
         with seeded_init(f"timm:{name}") as seed:
             model = timm.create_model(name, pretrained=pretrained, num_classes=0)

@@ -91,7 +91,9 @@ def _resolve(spec: str, role: Role, options: Mapping[str, Any] | None = None) ->
     unknown = sorted(set(options or {}) - set(kind.options)) if kind.options is not None else []
     if unknown:
         known = ", ".join(sorted(kind.options or {})) or "none"
-        raise ConfigError(f"{role} spec {spec!r}: unknown option {unknown[0]!r} for kind {kind_name!r} (known: {known})")
+        raise ConfigError(
+            f"{role} spec {spec!r}: unknown option {unknown[0]!r} for kind {kind_name!r} (known: {known})"
+        )
     return kind, rest
 
 

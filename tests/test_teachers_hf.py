@@ -42,8 +42,8 @@ def _reference_embeddings(folder: str, views: torch.Tensor, padding) -> tuple[to
     processor = AutoProcessor.from_pretrained(folder)  # image processor + tokenizer
     tokenizer = AutoTokenizer.from_pretrained(folder)
     pixels = processor(images=list(views), return_tensors="pt")["pixel_values"]
-    tokens = tokenizer(TEXTS, padding=padding, truncation=True, max_length=model.config.text_config.max_position_embeddings,
-                       return_tensors="pt")
+    context = model.config.text_config.max_position_embeddings
+    tokens = tokenizer(TEXTS, padding=padding, truncation=True, max_length=context, return_tensors="pt")
     with torch.no_grad():
         output = model(input_ids=tokens["input_ids"], attention_mask=tokens.get("attention_mask"), pixel_values=pixels)
     return output.image_embeds, output.text_embeds
@@ -98,9 +98,8 @@ def test_config_only_folder_builds_the_same_random_weights_whatever_the_rng_stat
 def _captioner(folders, name: str, stop_bias: float = 0.0):
     """The adapter for `name`; stop_bias raises the stop token's logit so captions end at
     mixed lengths (random weights almost never stop on their own)."""
-    captioner = build_captioner(
-        CaptionerConfig(id=name, spec=f"hf:{folders[name]}", options={"prompt": PROMPTS[name]} if name in PROMPTS else {})
-    )
+    options = {"prompt": PROMPTS[name]} if name in PROMPTS else {}
+    captioner = build_captioner(CaptionerConfig(id=name, spec=f"hf:{folders[name]}", options=options))
     if stop_bias:
         model = captioner.model
         head = model.get_output_embeddings() or model.text_decoder.get_output_embeddings()  # BLIP keeps it inside
@@ -113,7 +112,8 @@ def _captioner(folders, name: str, stop_bias: float = 0.0):
 @pytest.mark.parametrize("name", CAPTIONERS)
 def test_cached_decoder_emits_the_same_tokens_as_full_recompute(folders, name):
     captioner = _captioner(folders, name, stop_bias=6.0)
-    sampler = SamplerConfig(top_p=0.95, top_k=2000, temperature=0.9, repetition_penalty=1.2, max_length=12, min_length=2)
+    sampler = SamplerConfig(top_p=0.95, top_k=2000, temperature=0.9, repetition_penalty=1.2, max_length=12,
+                            min_length=2)
     images = _views(3, seed=1)
 
     cached = captioner.generate(images, SEEDS, sampler, decoding="kv-cache")
