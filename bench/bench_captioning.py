@@ -1,15 +1,19 @@
 """Captioning throughput: KV-cached decoding against the full-recompute reference.
 
-Builds a random-weight open_clip CoCa (no download), decodes one batch with each decoder
-and prints generated tokens per second and the speedup. Random weights almost never
-sample a stop token, so every caption runs to --max-length: the worst case for the
-full-recompute decoder, whose cost per step grows with the prefix. Both decoders should
-emit identical captions (their float32 logits differ by ~1e-6, which Gumbel-max sampling
-absorbs; see teachers/sampling.py). On CPU the tiny model's time goes mostly to sampling
-over the 49408-token vocabulary, not to the decoder.
+Builds a captioner from a spec (default: a random-weight open_clip CoCa, no download),
+decodes one batch with each decoder and prints generated tokens per second and the
+speedup. For open_clip CoCa the cached decoder is ours (teachers/coca_decoding.py); for
+`hf:` captioners it is transformers' generate with the model's own cache, against generate
+without it, both sampling with our seeded sampler. Random weights almost never sample a stop
+token, so every caption runs to --max-length: the worst case for the full-recompute
+decoder, whose cost per step grows with the prefix. Both decoders should emit identical
+captions (their float32 logits differ by ~1e-6, which Gumbel-max sampling absorbs; see
+teachers/sampling.py). On CPU a tiny model's time goes mostly to sampling over the
+vocabulary, not to the decoder.
 
-    python bench/bench_captioning.py                              # tiny CoCa, CPU
-    python bench/bench_captioning.py --model coca_ViT-B-32 --device cuda --precision bf16
+    python bench/bench_captioning.py                                      # tiny CoCa, CPU
+    python bench/bench_captioning.py --spec open_clip:coca_ViT-B-32 --device cuda --precision bf16
+    python bench/bench_captioning.py --spec hf:/path/to/model_folder      # e.g. BLIP, GIT
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from teachers import build_captioner
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="dr-tiny-coca", help="open_clip CoCa config, random init")
+    parser.add_argument("--spec", default="open_clip:dr-tiny-coca", help="captioner spec (open_clip: or hf:)")
     parser.add_argument("--images", type=int, default=8)
     parser.add_argument("--captions", type=int, default=5, help="captions per image")
     parser.add_argument("--max-length", type=int, default=30)
@@ -35,9 +39,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per decoder; the best is reported")
     args = parser.parse_args()
 
-    captioner = build_captioner(
-        CaptionerConfig(id="bench", spec=f"open_clip:{args.model}"), device=args.device, precision=args.precision
-    )
+    captioner = build_captioner(CaptionerConfig(id="bench", spec=args.spec), device=args.device, precision=args.precision)
     size = captioner.card.input_size
     generator = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (args.images, 3, size, size), dtype=torch.uint8, generator=generator)
@@ -45,7 +47,7 @@ def main() -> None:
     sampler = SamplerConfig(top_p=args.top_p, max_length=args.max_length, min_length=min(5, args.max_length - 1))
 
     print(
-        f"{args.model} on {args.device} ({captioner.precision}): {args.images} images x {args.captions} captions, "
+        f"{args.spec} on {args.device} ({captioner.precision}): {args.images} images x {args.captions} captions, "
         f"max_length {args.max_length}, torch threads {torch.get_num_threads()}"
     )
     results = {}

@@ -46,15 +46,27 @@ def run(
     output_url: Optional[str] = typer.Option(None, "--output", help="output folder URL"),
     address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address (default: RAY_ADDRESS, else local)"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an output written with another config"),
+    extend: Optional[str] = typer.Option(
+        None, "--extend", metavar="OUT",
+        help="add JOB's teachers and captioners that the dataset OUT lacks, as sidecar files; nothing is recomputed",
+    ),
 ) -> None:
     """Reinforce a dataset: plan, run teachers and captioners on Ray, write shards and dataset.json."""
     from dr_pipeline.config import load_job
+    from dr_pipeline.extend import extend_dataset
     from dr_pipeline.progress import ProgressDisplay
     from dr_pipeline.runner import run_job
 
-    job = _guarded(lambda: load_job(job_file, input_urls=_input_override(input_urls), output_url=output_url))
+    if extend is not None and (output_url is not None or overwrite):
+        errors.print("[red]error:[/red] --extend OUT names the output: drop --output and --overwrite", highlight=False)
+        raise typer.Exit(2)
+    output = extend if extend is not None else output_url
+    job = _guarded(lambda: load_job(job_file, input_urls=_input_override(input_urls), output_url=output))
     with ProgressDisplay(console, job.name) as display:
-        summary = _guarded(lambda: run_job(job, address=address, overwrite=overwrite, on_progress=display.update))
+        if extend is not None:
+            summary = _guarded(lambda: extend_dataset(job, address=address, on_progress=display.update))
+        else:
+            summary = _guarded(lambda: run_job(job, address=address, overwrite=overwrite, on_progress=display.update))
     console.print(
         f"{summary.output}: {summary.units_done} units written, {summary.units_skipped} already committed, "
         f"{summary.samples} samples, {summary.failures} failures in {summary.seconds:.1f}s "
@@ -234,8 +246,16 @@ def teachers() -> None:
 
     for kind in teacher_kinds():
         console.print(f"[bold]{kind['kind']}[/bold]  ({', '.join(kind['roles'])})", highlight=False)
-        console.print(f"  example: {kind['example']}", highlight=False, soft_wrap=True)
-        console.print(f"  {kind['description']}", highlight=False, soft_wrap=True)
+        console.print(f"  example: {kind['example']}", highlight=False, soft_wrap=True, markup=False)
+        if kind["captioner_example"]:
+            example = kind["captioner_example"]
+            console.print(f"  captioner example: {example}", highlight=False, soft_wrap=True, markup=False)
+        console.print(f"  {kind['description']}", highlight=False, soft_wrap=True, markup=False)
+        options = kind["options"]
+        for name, meaning in (options or {}).items():
+            console.print(f"  option {name}: {meaning}", highlight=False, soft_wrap=True, markup=False)
+        if options is None:
+            console.print("  options: any, passed to the class", highlight=False)
 
 
 @app.command("sample-data")

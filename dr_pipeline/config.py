@@ -122,6 +122,7 @@ class CaptionPostprocessConfig(StrictModel):
 class TeacherConfig(StrictModel):
     id: Slug
     spec: str = Field(min_length=3)
+    options: dict[str, Any] = Field(default_factory=dict)  # settings of the spec's kind (see `dr-gen teachers`)
     batch_size: int = Field(256, ge=1, le=65536)
     precision: Precision = "auto"
 
@@ -129,6 +130,7 @@ class TeacherConfig(StrictModel):
 class CaptionerConfig(StrictModel):
     id: Slug
     spec: str = Field(min_length=3)
+    options: dict[str, Any] = Field(default_factory=dict)  # settings of the spec's kind (see `dr-gen teachers`)
     num_captions: int = Field(5, ge=1, le=64)
     sampler: SamplerConfig = SamplerConfig()
     postprocess: CaptionPostprocessConfig = CaptionPostprocessConfig()

@@ -26,10 +26,11 @@ def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
-def read_unit_stats(out: Location, units: Iterable[Unit]) -> dict[str, dict[str, Any]]:
-    """Stats of every committed unit of the plan, keyed by unit id (one listing, batched reads)."""
+def read_unit_stats(out: Location, units: Iterable[Unit], folder: str = DATA_DIR) -> dict[str, dict[str, Any]]:
+    """Stats of every committed unit of the plan (in `folder`: data, or a sidecar folder),
+    keyed by unit id (one listing, batched reads)."""
     wanted = {u.id for u in units}
-    present = out.fs.glob(out.join(DATA_DIR, "*.stats.json"))
+    present = out.fs.glob(out.join(folder, "*.stats.json"))
     paths = [p for p in present if p.rsplit("/", 1)[-1][: -len(".stats.json")] in wanted]
     if not paths:
         return {}

@@ -7,18 +7,18 @@ and synthetic captions are embedded by every teacher without another hop.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 import ray
 import torch
 
-from dr_pipeline.config import JobConfig
+from dr_pipeline.config import JobConfig, TeacherConfig
 from dr_pipeline.prepare import ViewBatch
 from dr_pipeline.schema import to_storage
 from dr_pipeline.seeding import derive_seed
 from dr_pipeline.timing import StageClock
-from teachers import build_captioner, build_teacher
+from teachers import Teacher, build_captioner, build_teacher
 
 
 @dataclass
@@ -66,7 +66,8 @@ class ModelWorker:
                 for i, text in enumerate(batch.texts)
             ]
             with clock.stage("teacher_forward"):
-                image_emb, text_emb = self._embed(batch, texts)
+                views = torch.from_numpy(np.array(batch.views))
+                image_emb, text_emb = self._embed((views, texts) for _ in self.teachers)
         return BatchResult(image_emb=image_emb, text_emb=text_emb, captions=captions, seconds=dict(clock.seconds))
 
     def _caption(self, batch: ViewBatch) -> dict[str, list[list[str]]]:
@@ -81,19 +82,36 @@ class ModelWorker:
         return captions
 
     def _embed(
-        self, batch: ViewBatch, texts: list[list[str]]
+        self, inputs: Iterable[tuple[torch.Tensor, list[list[str]]]]
     ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-        dtype = self.job.output.embedding_dtype
-        n, k = batch.views.shape[:2]
-        views = torch.from_numpy(np.array(batch.views)).reshape(n * k, *batch.views.shape[2:])
-        flat_texts = [t for row in texts for t in row]
+        """Stored embeddings by teacher id of each teacher's (views, texts), given in teacher order."""
         image_emb: dict[str, np.ndarray] = {}
         text_emb: dict[str, np.ndarray] = {}
-        for config, teacher in zip(self.job.teachers, self.teachers):
-            if teacher.card.has_image:
-                parts = [teacher.encode_image(views[s]) for s in _chunks(len(views), config.batch_size)]
-                image_emb[config.id] = to_storage(torch.cat(parts), dtype).reshape(n, k, -1)
-            if teacher.card.has_text:
-                parts = [teacher.encode_text(flat_texts[s]) for s in _chunks(len(flat_texts), config.batch_size)]
-                text_emb[config.id] = to_storage(torch.cat(parts), dtype).reshape(n, len(texts[0]), -1)
+        for config, teacher, (views, texts) in zip(self.job.teachers, self.teachers, inputs):
+            image, text = self.embed_with(config, teacher, views, texts)
+            if image is not None:
+                image_emb[config.id] = image
+            if text is not None:
+                text_emb[config.id] = text
         return image_emb, text_emb
+
+    def embed_with(
+        self, config: TeacherConfig, teacher: Teacher, views: torch.Tensor, texts: list[list[str]]
+    ) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """One teacher's stored embeddings of views [N, K, 3, S, S] -> [N, K, D] and of N equally
+        long rows of texts -> [N, rows, D]; None for a side it does not have or has nothing to embed."""
+        dtype = self.job.output.embedding_dtype
+        image = text = None
+        if teacher.card.has_image and views.shape[1]:
+            n, k = views.shape[:2]
+            flat_views = views.reshape(n * k, *views.shape[2:])
+            image = _encode_in_chunks(teacher.encode_image, flat_views, config.batch_size, dtype).reshape(n, k, -1)
+        if teacher.card.has_text and texts[0]:
+            flat_texts = [t for row in texts for t in row]
+            encoded = _encode_in_chunks(teacher.encode_text, flat_texts, config.batch_size, dtype)
+            text = encoded.reshape(len(texts), len(texts[0]), -1)
+        return image, text
+
+
+def _encode_in_chunks(encode: Any, items: Any, batch_size: int, dtype: str) -> np.ndarray:
+    return to_storage(torch.cat([encode(items[part]) for part in _chunks(len(items), batch_size)]), dtype)

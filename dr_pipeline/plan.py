@@ -95,5 +95,5 @@ def check_plan_matches(out: Location, job: JobConfig, existing_hash: str) -> Non
         raise ConfigError(
             f"{redact_url(out.url())} was written with a different config "
             f"(config hash {existing_hash}, this job {job.output_hash()}); "
-            "pass --overwrite to replace it or choose another --output"
+            "pass --overwrite to replace it, --extend OUT to add teachers or captioners to it, or another --output"
         )

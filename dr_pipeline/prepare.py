@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from dr_pipeline.augment import ViewParams, center_view_params, render_view, render_views, sample_views
-from dr_pipeline.config import JobConfig
+from dr_pipeline.config import AugmentationConfig, JobConfig
 from dr_pipeline.decode import ImageRejected, decode_image
 from dr_pipeline.inputs import InputFailure, RawSample, iter_shard
 from dr_pipeline.schema import safe_key
@@ -59,15 +59,28 @@ class PreparedBatch:
     views: list[torch.Tensor] = field(default_factory=list)
     caption_views: dict[int, list[torch.Tensor]] = field(default_factory=dict)
 
+    def add_views(
+        self, pixels: torch.Tensor, params: list[ViewParams], caption_sizes: tuple[int, ...], cfg: AugmentationConfig
+    ) -> None:
+        """Render one decoded image for the models: a teacher view per params, and the
+        unaugmented centre view at each captioner input size."""
+        self.views.append(render_views(pixels, params, cfg.random_resized_crop.size, cfg))
+        center = center_view_params(int(pixels.shape[1]), int(pixels.shape[2]))
+        for size in caption_sizes:
+            self.caption_views.setdefault(size, []).append(render_view(pixels, center, size, cfg))
+
+    def stacked_views(self) -> dict[str, Any]:
+        """The rendered views as ViewBatch fields."""
+        return {
+            "views": torch.stack(self.views).numpy(),
+            "caption_views": {size: torch.stack(v).numpy() for size, v in self.caption_views.items()},
+        }
+
     def view_batch(self) -> ViewBatch | None:
         if not self.samples:
             return None
-        return ViewBatch(
-            keys=[s.key for s in self.samples],
-            texts=[s.text for s in self.samples],
-            views=torch.stack(self.views).numpy(),
-            caption_views={size: torch.stack(v).numpy() for size, v in self.caption_views.items()},
-        )
+        keys, texts = [s.key for s in self.samples], [s.text for s in self.samples]
+        return ViewBatch(keys=keys, texts=texts, **self.stacked_views())
 
 
 def failure_record(key: str, reason: str, detail: str) -> dict[str, Any]:
@@ -93,7 +106,6 @@ def prepare_unit(
     """Batches of at most resources.batch_size valid samples, with the failures met on the way."""
     clock = clock or StageClock()
     cfg = job.augmentation
-    view_size = cfg.random_resized_crop.size
     seen: set[str] = set()
     batch = PreparedBatch()
     for item in clock.timed("read", iter_shard(shard_url, job.input)):
@@ -115,10 +127,7 @@ def prepare_unit(
         height, width = int(pixels.shape[1]), int(pixels.shape[2])
         with clock.stage("augment"):
             params = sample_views(job.seed, key, height, width, cfg)
-            batch.views.append(render_views(pixels, params, view_size, cfg))
-            center = center_view_params(height, width)
-            for size in caption_sizes:
-                batch.caption_views.setdefault(size, []).append(render_view(pixels, center, size, cfg))
+            batch.add_views(pixels, params, caption_sizes, cfg)
         batch.samples.append(
             PreparedSample(
                 key=key,

@@ -2,12 +2,14 @@
 
 Rows come out as plain Python values with embeddings as float32 numpy arrays
 [rows, D] and augmentation parameters as `ViewParams`, whichever form
-(Parquet or webdataset) the dataset was written in.
+(Parquet or webdataset) the dataset was written in. Columns added later by
+`--extend` live in sidecar files (sidecars.py); rows come out joined with them.
 """
 
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import tarfile
 from typing import Any, Iterator
@@ -17,12 +19,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from dr_pipeline.augment import ViewParams
+from dr_pipeline.errors import DatasetError
 from dr_pipeline.manifest import read_manifest
 from dr_pipeline.schema import DatasetLayout, from_storage
+from dr_pipeline.sidecars import SidecarLayout
 
 
-def embedding_matrix(column: pa.Array, rows: int, dim: int) -> np.ndarray:
+def embedding_matrix(column: pa.Array) -> np.ndarray:
     """An embedding column ([rows] x [dim] fixed-size lists) as [len, rows, dim] in its storage dtype."""
+    rows, dim = column.type.list_size, column.type.value_type.list_size
     return np.asarray(column.flatten().flatten().to_numpy(zero_copy_only=False)).reshape(len(column), rows, dim)
 
 
@@ -32,6 +37,11 @@ class ReinforcedDataset:
     def __init__(self, url: str, storage_options: dict[str, Any] | None = None):
         self.location, self.manifest = read_manifest(url, storage_options)
         self.layout = DatasetLayout.from_dict(self.manifest["layout"])
+        self.sidecars = [SidecarLayout.from_dict(entry) for entry in self.manifest.get("extensions", [])]
+        added = {column.name for sidecar in self.sidecars for column in sidecar.columns if column.join == "add"}
+        self._members = [  # of the units' own tars: what no sidecar added
+            member for member in self.layout.webdataset_members(keep_images=True) if not set(member["fields"]) & added
+        ]
 
     @property
     def units(self) -> list[dict[str, Any]]:
@@ -47,11 +57,22 @@ class ReinforcedDataset:
                 yield from self.iter_unit(unit)
 
     def iter_unit(self, unit: dict[str, Any]) -> Iterator[dict[str, Any]]:
-        path = self.location.join(unit["files"]["data"]["path"])
+        """The unit's rows, in order, joined with the unit's sidecar rows."""
+        files = [self._iter_file(unit["files"]["data"]["path"], self._members)]
+        files += [self._iter_file(unit["files"][s.extension]["path"], s.webdataset_members()) for s in self.sidecars]
+        for row, *extras in itertools.zip_longest(*files):
+            if row is None or None in extras:
+                raise DatasetError(f"unit {unit['id']}: its sidecar files and data file differ in length")
+            for sidecar, extra in zip(self.sidecars, extras):
+                sidecar.join(row, extra, f"unit {unit['id']}")
+            yield self._decode_embeddings(row)
+
+    def _iter_file(self, relative_path: str, members: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        """Rows of one data or sidecar file, embeddings as stored."""
+        path = self.location.join(relative_path)
         if self.manifest["format"] == "arrow":
-            yield from self._iter_parquet(path)
-        else:
-            yield from self._iter_tar(path)
+            return self._iter_parquet(path)
+        return self._iter_tar(path, members)
 
     def _decode_embeddings(self, row: dict[str, Any]) -> dict[str, Any]:
         dtype = self.layout.embedding_dtype
@@ -64,31 +85,29 @@ class ReinforcedDataset:
         shapes = self.layout.embedding_shapes()
         with self.location.fs.open(path, "rb") as handle:
             for batch in pq.ParquetFile(handle).iter_batches(batch_size=256):
-                embeddings = {
-                    name: embedding_matrix(batch.column(name), *shapes[name]) for name in shapes
-                }
-                plain = batch.drop_columns(list(shapes)).to_pylist()
+                names = [name for name in batch.schema.names if name in shapes]
+                embeddings = {name: embedding_matrix(batch.column(name)) for name in names}
+                plain = batch.drop_columns(names).to_pylist()
                 for i, row in enumerate(plain):
                     row.update({name: values[i] for name, values in embeddings.items()})
-                    yield self._decode_embeddings(row)
+                    yield row
 
-    def _iter_tar(self, path: str) -> Iterator[dict[str, Any]]:
-        members = self.layout.webdataset_members(keep_images=True)
+    def _iter_tar(self, path: str, members: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         with self.location.fs.open(path, "rb") as handle, tarfile.open(fileobj=handle, mode="r|") as tar:
             current_key, raw = None, {}
             for info in tar:
                 key, _, suffix = info.name.partition(".")
                 if key != current_key and raw:
-                    yield self._decode_embeddings(_tar_row(raw, members))
+                    yield _tar_row(current_key, raw, members)
                     raw = {}
                 current_key = key
                 raw[suffix] = tar.extractfile(info).read()
             if raw:
-                yield self._decode_embeddings(_tar_row(raw, members))
+                yield _tar_row(current_key, raw, members)
 
 
-def _tar_row(raw: dict[str, bytes], members: list[dict[str, Any]]) -> dict[str, Any]:
-    row: dict[str, Any] = {"image": None}
+def _tar_row(key: str, raw: dict[str, bytes], members: list[dict[str, Any]]) -> dict[str, Any]:
+    row: dict[str, Any] = {"key": key, "image": None}
     for member in members:
         if member["encoding"] == "bytes":
             continue

@@ -14,25 +14,28 @@ import contextlib
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 import ray
 import torch
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from dr_pipeline.config import JobConfig
+from dr_pipeline.config import JobConfig, ResourcesConfig
 from dr_pipeline.errors import ConfigError, DrGenError
 from dr_pipeline.inputs import list_shards
 from dr_pipeline.manifest import MANIFEST_FILE, build_manifest, read_unit_stats, write_manifest
-from dr_pipeline.model_worker import ModelWorker
+from dr_pipeline.model_worker import BatchResult, ModelWorker
 from dr_pipeline.plan import Unit, check_plan_matches, make_plan, read_plan, write_plan
-from dr_pipeline.prepare import failure_record, prepare_unit
+from dr_pipeline.prepare import ViewBatch, failure_record, prepare_unit
 from dr_pipeline.progress import POLL_SECONDS, ProgressTracker, RunProgress, UnitReporter, run_record, start_tally
 from dr_pipeline.schema import CaptionerColumns, DatasetLayout, TeacherColumns
 from dr_pipeline.storage import Location, redact_url
 from dr_pipeline.timing import StageClock
 from dr_pipeline.writers import failures_bytes, open_unit_writer, unit_columns
 from teachers import check_spec
+
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -57,9 +60,9 @@ def one_line(error: BaseException) -> str:
 def check_job(job: JobConfig) -> None:
     """Everything that can be checked without loading a model or starting Ray."""
     for teacher in job.teachers:
-        check_spec(teacher.spec, "teacher")
+        check_spec(teacher.spec, "teacher", teacher.options)
     for captioner in job.captioners:
-        check_spec(captioner.spec, "captioner")
+        check_spec(captioner.spec, "captioner", captioner.options)
 
 
 def _check_writable(out: Location) -> None:
@@ -102,6 +105,36 @@ def layout_for(job: JobConfig, cards: dict[str, list[dict[str, Any]]]) -> Datase
     )
 
 
+def model_results(
+    batches: Iterable[tuple[T, ViewBatch]], worker: Any, resources: ResourcesConfig, clock: StageClock
+) -> Iterator[tuple[T, BatchResult | str]]:
+    """Each batch through the model actor, in order, with `batches_in_flight` queued so the
+    actor never waits on this CPU task; a batch that fails is retried, and after
+    `max_batch_retries` comes back as the error's line instead of a result."""
+    in_flight: deque[tuple[T, Any, Any]] = deque()
+
+    def finish_oldest() -> tuple[T, BatchResult | str]:
+        item, batch_ref, result_ref = in_flight.popleft()
+        retries = 0
+        while True:
+            try:
+                with clock.stage("wait_for_models"):
+                    return item, ray.get(result_ref)
+            except ray.exceptions.RayTaskError as error:
+                if retries == resources.max_batch_retries:
+                    return item, one_line(error)
+                retries += 1
+                result_ref = worker.process.remote(batch_ref)
+
+    for item, batch in batches:
+        batch_ref = ray.put(batch)
+        in_flight.append((item, batch_ref, worker.process.remote(batch_ref)))
+        while len(in_flight) >= resources.batches_in_flight:
+            yield finish_oldest()
+    while in_flight:
+        yield finish_oldest()
+
+
 def process_unit(
     unit: Unit,
     job: JobConfig,
@@ -124,39 +157,24 @@ def process_unit(
     clock = StageClock()
     report_progress = UnitReporter(tally, unit.id)
     report_progress(0, 0, force=True)
-    with open_unit_writer(out, unit.data_file(job.output.format), layout, job.output) as (writer, committed):
-        in_flight: deque[tuple[list, Any, Any]] = deque()
 
-        def finish_oldest() -> None:
-            nonlocal written
-            samples, batch_ref, result_ref = in_flight.popleft()
-            for attempt in range(job.resources.max_batch_retries + 1):
-                try:
-                    with clock.stage("wait_for_models"):
-                        result = ray.get(result_ref)
-                    break
-                except ray.exceptions.RayTaskError as error:
-                    if attempt == job.resources.max_batch_retries:
-                        failures.extend(failure_record(s.source_key, "model_error", one_line(error)) for s in samples)
-                        return
-                    result_ref = worker.process.remote(batch_ref)
+    def view_batches() -> Iterator[tuple[list, ViewBatch]]:
+        for prepared in prepare_unit(unit.input, job, caption_sizes, clock):
+            failures.extend(prepared.failures)
+            batch = prepared.view_batch()
+            if batch is not None:
+                yield prepared.samples, batch
+
+    with open_unit_writer(out, unit.data_file(job.output.format), layout, job.output) as (writer, committed):
+        for samples, result in model_results(view_batches(), worker, job.resources, clock):
+            if isinstance(result, str):
+                failures.extend(failure_record(s.source_key, "model_error", result) for s in samples)
+                continue
             clock.add(result.seconds)
             with clock.stage("write"):
                 writer.write(unit_columns(samples, result, layout))
             written += len(samples)
             report_progress(written, len(failures))
-
-        for prepared in prepare_unit(unit.input, job, caption_sizes, clock):
-            failures.extend(prepared.failures)
-            batch = prepared.view_batch()
-            if batch is None:
-                continue
-            batch_ref = ray.put(batch)
-            in_flight.append((prepared.samples, batch_ref, worker.process.remote(batch_ref)))
-            while len(in_flight) >= job.resources.batches_in_flight:
-                finish_oldest()
-        while in_flight:
-            finish_oldest()
     failures_info = out.write_bytes_atomic(failures_bytes(failures), unit.failures_file)
     stats = {
         "id": unit.id,
@@ -188,20 +206,75 @@ def ray_session(address: str | None) -> Iterator[None]:
         ray.shutdown()
 
 
-def _start_workers(job: JobConfig) -> tuple[list[Any], list[str], dict[str, Any]]:
-    """The model actors, their node ids, and the cards of the loaded models."""
+def start_workers(
+    job: JobConfig, worker_class: type = ModelWorker, worker_arg: Any = None
+) -> tuple[list[Any], list[str], dict[str, Any]]:
+    """The model actors, `worker_class(worker_arg or job, use_gpu)` placed by the job's
+    resources, their node ids, and the cards of the loaded models."""
     gpus = job.resources.gpus_per_actor
     if gpus == "auto":
         gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
-    actor_class = ray.remote(ModelWorker).options(
+    actor_class = ray.remote(worker_class).options(
         num_cpus=job.resources.cpus_per_actor, num_gpus=gpus, max_restarts=3, max_task_retries=3
     )
-    workers = [actor_class.remote(job, gpus > 0) for _ in range(job.resources.actors)]
+    workers = [actor_class.remote(worker_arg or job, gpus > 0) for _ in range(job.resources.actors)]
     try:
         described = ray.get([w.describe.remote() for w in workers])
     except ray.exceptions.RayError as error:
         raise DrGenError(f"model actors failed to start: {one_line(error)}") from None
     return workers, [d["node_id"] for d in described], described[0]
+
+
+def run_unit_tasks(
+    task: Any,
+    units: list[Unit],
+    task_args: tuple,
+    workers: list[Any],
+    nodes: list[str],
+    job: JobConfig,
+    done: dict[str, dict[str, Any]],
+    summary: RunSummary,
+    on_progress: Callable[[RunProgress], None] | None,
+) -> tuple[list[dict[str, Any]], RunProgress]:
+    """`task(unit, *task_args, worker, tally)` for every unit, at most resources.cpu_workers at
+    once, each placed on the node of its least loaded actor. The stats of committed units go
+    into `done` and `summary`, failed units into summary.units_failed; `on_progress` gets a
+    snapshot about every POLL_SECONDS. Returns the stats this call committed and the last snapshot."""
+    tally = start_tally()
+    tracker = ProgressTracker(summary.units_planned, summary.units_skipped)
+    written: list[dict[str, Any]] = []
+    progress = tracker.snapshot(0, 0)
+    pending: dict[Any, tuple[Unit, int]] = {}
+    load = Counter({i: 0 for i in range(len(workers))})
+    queue = deque(units)
+    while queue or pending:
+        while queue and len(pending) < job.resources.cpu_workers:
+            unit = queue.popleft()
+            index = min(load, key=lambda i: load[i])
+            load[index] += 1
+            strategy = NodeAffinitySchedulingStrategy(nodes[index], soft=True)
+            ref = task.options(scheduling_strategy=strategy).remote(unit, *task_args, workers[index], tally)
+            pending[ref] = (unit, index)
+        ready, _ = ray.wait(list(pending), num_returns=1, timeout=POLL_SECONDS)
+        for ref in ready:
+            unit, index = pending.pop(ref)
+            load[index] -= 1
+            try:
+                stats = ray.get(ref)
+            except ray.exceptions.RayError as error:
+                summary.units_failed.append((unit.id, one_line(error)))
+                tracker.unit_failed()
+                continue
+            done[unit.id] = stats
+            written.append(stats)
+            tracker.unit_done(stats)
+            summary.units_done += 1
+            summary.samples += stats["samples"]
+            summary.failures += stats.get("failures", 0)
+        progress = tracker.snapshot(*ray.get(tally.totals.remote()))
+        if on_progress:
+            on_progress(progress)
+    return written, progress
 
 
 def run_job(
@@ -231,7 +304,7 @@ def run_job(
         summary.seconds = time.time() - started
         return summary
     with ray_session(address):
-        workers, nodes, described = _start_workers(job)
+        workers, nodes, described = start_workers(job)
         summary.startup_seconds = time.time() - started
         cards = {"teachers": described["teachers"], "captioners": described["captioners"]}
         layout = layout_for(job, cards)
@@ -240,42 +313,9 @@ def run_job(
         runs = previous.get("runs", [])
         manifest = {**build_manifest(job, layout, cards, units, done, previous.get("created_at")), "runs": runs}
         write_manifest(out, manifest)
-        tally = start_tally()
-        tracker = ProgressTracker(len(units), len(done))
-        written: list[dict[str, Any]] = []
         unit_task = ray.remote(num_cpus=1, max_retries=2, retry_exceptions=[OSError])(process_unit)
-        pending: dict[Any, tuple[Unit, int]] = {}
-        load = Counter({i: 0 for i in range(len(workers))})
-        queue = deque(todo)
-        while queue or pending:
-            while queue and len(pending) < job.resources.cpu_workers:
-                unit = queue.popleft()
-                index = min(load, key=lambda i: load[i])
-                load[index] += 1
-                strategy = NodeAffinitySchedulingStrategy(nodes[index], soft=True)
-                ref = unit_task.options(scheduling_strategy=strategy).remote(
-                    unit, job, layout, caption_sizes, workers[index], tally
-                )
-                pending[ref] = (unit, index)
-            ready, _ = ray.wait(list(pending), num_returns=1, timeout=POLL_SECONDS)
-            for ref in ready:
-                unit, index = pending.pop(ref)
-                load[index] -= 1
-                try:
-                    stats = ray.get(ref)
-                except ray.exceptions.RayError as error:
-                    summary.units_failed.append((unit.id, one_line(error)))
-                    tracker.unit_failed()
-                    continue
-                done[unit.id] = stats
-                written.append(stats)
-                tracker.unit_done(stats)
-                summary.units_done += 1
-                summary.samples += stats["samples"]
-                summary.failures += stats["failures"]
-            progress = tracker.snapshot(*ray.get(tally.totals.remote()))
-            if on_progress:
-                on_progress(progress)
+        task_args = (job, layout, caption_sizes)
+        written, progress = run_unit_tasks(unit_task, todo, task_args, workers, nodes, job, done, summary, on_progress)
         summary.seconds = time.time() - started
         record = run_record(started, summary.seconds, summary.startup_seconds, progress, written)
         final = build_manifest(job, layout, cards, units, done, manifest["created_at"])

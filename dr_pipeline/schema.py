@@ -84,11 +84,11 @@ def _arrow_type(spec: Any, variables: dict[str, Any]) -> pa.DataType:
         size = int(_fill(str(spec["size"]), variables))
         return pa.list_(_arrow_type(spec["fixed_size_list"], variables), size)
     if "struct" in spec:
-        return pa.struct([_arrow_field(f, variables) for f in spec["struct"]])
+        return pa.struct([arrow_field(f, variables) for f in spec["struct"]])
     raise ValueError(f"unknown type spec in schema: {spec!r}")
 
 
-def _arrow_field(spec: dict[str, Any], variables: dict[str, Any]) -> pa.Field:
+def arrow_field(spec: dict[str, Any], variables: dict[str, Any]) -> pa.Field:
     return pa.field(
         _fill(spec["name"], variables),
         _arrow_type(spec["type"], variables),
@@ -150,17 +150,17 @@ class DatasetLayout:
     def arrow_schema(self) -> pa.Schema:
         spec = schemas.load_spec()
         base = {"num_views": self.num_views, "dtype": spec["embedding_dtypes"][self.embedding_dtype]["arrow"]}
-        fields = [_arrow_field(f, base) for f in spec["fields"]]
+        fields = [arrow_field(f, base) for f in spec["fields"]]
         for teacher in self.teachers:
             variables = {**base, "id": teacher.id, "dim": teacher.dim, "num_texts": self.num_texts}
             for template in spec["teacher_fields"]:
                 if (template["role"] == "image" and teacher.has_image) or (
                     template["role"] == "text" and teacher.has_text
                 ):
-                    fields.append(_arrow_field(template, variables))
+                    fields.append(arrow_field(template, variables))
         for captioner in self.captioners:
             variables = {**base, "id": captioner.id, "num_captions": captioner.num_captions}
-            fields += [_arrow_field(t, variables) for t in spec["captioner_fields"]]
+            fields += [arrow_field(t, variables) for t in spec["captioner_fields"]]
         metadata = {"dr_gen.schema_version": SCHEMA_VERSION, "dr_gen.embedding_dtype": self.embedding_dtype}
         return pa.schema(fields, metadata=metadata)
 

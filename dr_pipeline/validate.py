@@ -380,7 +380,7 @@ def _parquet_rows(handle: BinaryIO, layout: DatasetLayout) -> Iterator[_Rows]:
                 views_per_row=pc.list_value_length(aug).to_numpy(zero_copy_only=False),
                 crops=aug.flatten().field("crop").flatten().to_numpy(zero_copy_only=False).reshape(-1, 4),
                 captions={c.column: batch.column(c.column).to_pylist() for c in layout.captioners},
-                embeddings={name: embedding_matrix(batch.column(name), *shape) for name, shape in shapes.items()},
+                embeddings={name: embedding_matrix(batch.column(name)) for name in shapes},
                 images=batch.column("image").to_pylist(),
                 image_sha256=batch.column("image_sha256").to_pylist(),
             )

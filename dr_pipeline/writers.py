@@ -21,7 +21,7 @@ from dr_pipeline.config import OutputConfig
 from dr_pipeline.model_worker import BatchResult
 from dr_pipeline.prepare import PreparedSample
 from dr_pipeline.schema import DatasetLayout
-from dr_pipeline.storage import FileInfo, Location, json_bytes
+from dr_pipeline.storage import FileInfo, Location
 
 ROW_GROUP_ROWS = 1024
 
@@ -115,6 +115,8 @@ class WebDatasetUnitWriter:
     def write(self, columns: dict[str, Any]) -> None:
         for i, key in enumerate(columns["key"]):
             sample: dict[str, Any] = {"__key__": key}
+            # a sidecar has no image_format column (and no member named after it)
+            variables = {"image_format": columns["image_format"][i]} if "image_format" in columns else {}
             for member in self._members:
                 values = [columns[name][i] for name in member["fields"]]
                 if member["encoding"] == "json":
@@ -124,7 +126,7 @@ class WebDatasetUnitWriter:
                     data = _npy_bytes(values[0])
                 else:
                     data = values[0]
-                suffix = member["suffix"].format(image_format=columns["image_format"][i])
+                suffix = member["suffix"].format(**variables)
                 sample[suffix] = data
             self._tar.write(sample)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -16,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from dr_pipeline.config import CaptionPostprocessConfig, SamplerConfig
+from dr_pipeline.seeding import derive_seed
 
 VIEW_RESIZE = "bicubic"
 """How views whose size differs from a model's input size are resized (antialiased, in
@@ -102,6 +104,27 @@ class Captioner(Protocol):
         """uint8 [N, 3, s, s] images (resized to card.input_size when s differs); seeds[i][j]
         seeds caption j of image i. Returns, per image, one caption per seed."""
         ...
+
+
+def error_line(error: BaseException, limit: int = 300) -> str:
+    """A library error as one line of at most `limit` characters, for a ConfigError message."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+@contextlib.contextmanager
+def seeded_init(rest: str) -> Iterator[int]:
+    """Build a model with random weights that are the same in every process.
+
+    Several actors and a later `verify` must agree on a random-init model, so its
+    initialisation is seeded from the spec (REST after `KIND:`); the RNG is forked so
+    building a model never moves the caller's random state. Yields the seed, which
+    cards record as weights="random-init:<seed>".
+    """
+    seed = derive_seed(0, rest, "random-init", 0)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield seed
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:

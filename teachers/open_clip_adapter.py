@@ -1,10 +1,13 @@
 """The `open_clip:` kind: any open_clip model as a teacher, open_clip CoCa models as captioners.
 
 Spec forms (REST after `open_clip:`):
-  MODEL/TAG           pretrained tag from open_clip.list_pretrained()
-  hf-hub:ORG/NAME     open_clip model on the Hugging Face hub (config and weights)
-  MODEL@/path/w.pt    local checkpoint, loaded with torch.load(weights_only=True)
-  MODEL               random init, identical in every process (tests, CPU quickstart)
+  MODEL/TAG                 pretrained tag from open_clip.list_pretrained()
+  hf-hub:ORG/NAME           open_clip model on the Hugging Face hub (config and weights)
+  MODEL@/path/w.pt          local checkpoint, loaded with torch.load(weights_only=True)
+  MODEL@hf-hub:ORG/NAME     checkpoint file of a hub repository (e.g. the MobileCLIP2 CoCa
+                            captioners, released as plain open_clip weights); see weights.py
+  MODEL@s3://bucket/w.pt    checkpoint at any fsspec URL
+  MODEL                     random init, identical in every process (tests, CPU quickstart)
 
 The tiny configs in model_configs/ are registered with open_clip on import.
 """
@@ -13,8 +16,6 @@ from __future__ import annotations
 
 import difflib
 import logging
-import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,22 +26,23 @@ from torch import nn
 
 from dr_pipeline.config import CaptionerConfig, CaptionPostprocessConfig, SamplerConfig, TeacherConfig
 from dr_pipeline.errors import ConfigError
-from dr_pipeline.seeding import derive_seed
 from teachers.base import (
     VIEW_RESIZE,
     CaptionerCard,
     TeacherCard,
+    error_line,
     precision_context,
     pixels_for_model,
     resolve_precision,
+    seeded_init,
 )
 from teachers.coca_decoding import FullRecomputeStepper, KVCacheStepper, kv_cache_unsupported
 from teachers.flops import DecoderShape, ModelCost, attentional_pool_flops, text_flops, vit_flops
 from teachers.registry import Role, TeacherKind, register_kind
 from teachers.sampling import postprocess_caption, sample_tokens
+from teachers.weights import HF_HUB, HUB_ID, describe_weights, local_weights, weights_problem
 
 KIND = "open_clip"
-HF_HUB = "hf-hub:"
 DECODINGS = ("kv-cache", "full-recompute")
 
 open_clip.add_model_config(Path(__file__).parent / "model_configs")
@@ -54,7 +56,7 @@ class OpenClipSpec:
 
     model: str  # open_clip model name, or "hf-hub:ORG/NAME"
     tag: str | None = None
-    path: str | None = None
+    path: str | None = None  # a weights reference (teachers/weights.py)
 
     @classmethod
     def parse(cls, rest: str) -> "OpenClipSpec":
@@ -96,7 +98,7 @@ def spec_problem(rest: str, role: Role) -> str | None:
         return "missing model name, e.g. open_clip:ViT-B-32/openai"
     spec = OpenClipSpec.parse(rest)
     if spec.hub_id is not None:
-        if not re.fullmatch(r"[\w.-]+/[\w.-]+", spec.hub_id):
+        if not HUB_ID.fullmatch(spec.hub_id):
             return f"hf-hub id must be ORG/NAME, got {spec.hub_id!r}"
         known = _registry_model_of_hub_id(spec.hub_id)
         if role == "captioner" and known is not None and not _is_generative(known):
@@ -110,8 +112,8 @@ def spec_problem(rest: str, role: Role) -> str | None:
         tags = open_clip.list_pretrained_tags_by_model(spec.model)
         known = ", ".join(tags[:6]) + (f" and {len(tags) - 6} more" if len(tags) > 6 else "")
         return f"unknown pretrained tag {spec.tag!r} for {spec.model} (known: {known or 'none'})"
-    if spec.path is not None and not os.path.isfile(spec.path):
-        return f"weights file not found: {spec.path!r}"
+    if spec.path is not None and (problem := weights_problem(spec.path)):
+        return problem
     if role == "captioner" and not _is_generative(spec.model):
         return _NOT_GENERATIVE.format(spec.model)
     return None
@@ -165,11 +167,6 @@ def estimate_cost(rest: str, role: Role) -> ModelCost | None:
     return ModelCost(embed_dim, image, text_cost, decoder, architecture)
 
 
-def _one_line(error: BaseException, limit: int = 300) -> str:
-    text = " ".join(str(error).split()) or type(error).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 def _initialise_decoder_projection(model: nn.Module) -> None:
     """open_clip 3.x leaves CoCa's MultimodalTransformer.text_projection as torch.empty (its
     init_parameters is never called): a random-init CoCa would decode from whatever that
@@ -186,16 +183,21 @@ def load_model(spec_text: str, rest: str) -> tuple[nn.Module, str]:
     a random init is seeded from the spec so every process builds the same weights.
     """
     spec = OpenClipSpec.parse(rest)
-    seed = derive_seed(0, rest, "random-init", 0)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    try:
+        pretrained = spec.tag or (local_weights(spec.path) if spec.path else None)
+    except ConfigError as error:
+        raise ConfigError(f"spec {spec_text!r}: {error}") from error
+    with seeded_init(rest) as seed:
         try:
-            model = open_clip.create_model(spec.model, pretrained=spec.tag or spec.path, device="cpu")
+            model = open_clip.create_model(spec.model, pretrained=pretrained, device="cpu")
         except Exception as error:  # open_clip reports bad weights with many types, asserts included
-            raise ConfigError(f"spec {spec_text!r}: cannot load the open_clip model ({_one_line(error)})") from error
+            raise ConfigError(f"spec {spec_text!r}: cannot load the open_clip model ({error_line(error)})") from error
         if spec.random_init:
             _initialise_decoder_projection(model)
-    weights = f"random-init:{seed}" if spec.random_init else (spec.path or spec.tag or spec.model)
+    if spec.random_init:
+        weights = f"random-init:{seed}"
+    else:
+        weights = describe_weights(spec.path) if spec.path else spec.tag or spec.model
     return model.eval(), weights
 
 
@@ -361,12 +363,15 @@ def build_open_clip_captioner(
 register_kind(
     TeacherKind(
         name=KIND,
-        description="open_clip models by pretrained tag, hf-hub id, local checkpoint (MODEL@PATH) or random init "
-        "(MODEL); CoCa models can also caption",
+        description="open_clip models by pretrained tag (MODEL/TAG), hub repository (hf-hub:ORG/NAME), checkpoint "
+        "file (MODEL@/path, MODEL@hf-hub:ORG/NAME[/FILE], MODEL@s3://...) or seeded random init (MODEL); "
+        "CoCa models can also caption",
         example="open_clip:ViT-L-14/datacomp_xl_s13b_b90k",
+        captioner_example="open_clip:coca_ViT-L-14@hf-hub:apple/mobileclip2_coca_dfn2b_s13b_mscoco38k_s12m_context77",
         spec_problem=spec_problem,
         build_teacher=build_open_clip_teacher,
         build_captioner=build_open_clip_captioner,
         estimate_cost=estimate_cost,
+        options={},
     )
 )

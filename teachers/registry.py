@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Any, Callable, Literal, Mapping
 
 import torch
 
@@ -21,7 +21,12 @@ from teachers.flops import ModelCost
 
 Role = Literal["teacher", "captioner"]
 
-_BUILTIN_KIND_MODULES = ("teachers.open_clip_adapter",)
+_BUILTIN_KIND_MODULES = (
+    "teachers.open_clip_adapter",
+    "teachers.hf_adapter",
+    "teachers.sentence_transformers_adapter",
+    "teachers.python_adapter",
+)
 
 
 @dataclass(frozen=True)
@@ -32,7 +37,9 @@ class TeacherKind:
     it must load no model and touch no network. The builders receive REST, the job's config
     entry, the device and the requested precision; a kind without a captioner builder
     cannot caption. `estimate_cost(rest, role)`, when given, returns per-item forward
-    FLOPs from the architecture alone (no weights), for `dr-gen plan`.
+    FLOPs from the architecture alone (no weights), for `dr-gen plan`. `options` names the
+    keys a config entry's `options` may hold, with what each does (None: any keys, passed on
+    as they are).
     """
 
     name: str
@@ -42,6 +49,8 @@ class TeacherKind:
     build_teacher: Callable[[str, TeacherConfig, torch.device, str], Teacher]
     build_captioner: Callable[[str, CaptionerConfig, torch.device, str], Captioner] | None = None
     estimate_cost: Callable[[str, Role], ModelCost | None] | None = None
+    options: Mapping[str, str] | None = None
+    captioner_example: str | None = None
 
     @property
     def roles(self) -> list[Role]:
@@ -83,29 +92,35 @@ def _kind_of(spec: str, role: Role) -> tuple[TeacherKind, str]:
     return kind, rest
 
 
-def _resolve(spec: str, role: Role) -> tuple[TeacherKind, str]:
+def _resolve(spec: str, role: Role, options: Mapping[str, Any] | None = None) -> tuple[TeacherKind, str]:
     """The kind of `spec` and its REST, after the offline checks; ConfigError on any problem."""
     kind, rest = _kind_of(spec, role)
     problem = kind.spec_problem(rest, role)
     if problem:
         raise ConfigError(f"{role} spec {spec!r}: {problem}")
+    unknown = sorted(set(options or {}) - set(kind.options)) if kind.options is not None else []
+    if unknown:
+        known = ", ".join(sorted(kind.options or {})) or "none"
+        raise ConfigError(
+            f"{role} spec {spec!r}: unknown option {unknown[0]!r} for kind {kind.name!r} (known: {known})"
+        )
     return kind, rest
 
 
-def check_spec(spec: str, role: Role) -> None:
+def check_spec(spec: str, role: Role, options: Mapping[str, Any] | None = None) -> None:
     """Fail fast on a spec that cannot work, with one line; loads no model, uses no network."""
-    _resolve(spec, role)
+    _resolve(spec, role, options)
 
 
 def build_teacher(config: TeacherConfig, device: str | torch.device = "cpu", precision: str = "fp32") -> Teacher:
-    kind, rest = _resolve(config.spec, "teacher")
+    kind, rest = _resolve(config.spec, "teacher", config.options)
     return kind.build_teacher(rest, config, torch.device(device), precision)
 
 
 def build_captioner(
     config: CaptionerConfig, device: str | torch.device = "cpu", precision: str = "fp32"
 ) -> Captioner:
-    kind, rest = _resolve(config.spec, "captioner")
+    kind, rest = _resolve(config.spec, "captioner", config.options)
     assert kind.build_captioner is not None  # _resolve checked the role
     return kind.build_captioner(rest, config, torch.device(device), precision)
 
@@ -122,6 +137,13 @@ def model_cost(spec: str, role: Role) -> ModelCost | None:
 def teacher_kinds() -> list[dict]:
     """The known kinds, for the `dr-gen teachers` listing."""
     return [
-        {"kind": kind.name, "roles": kind.roles, "example": kind.example, "description": kind.description}
+        {
+            "kind": kind.name,
+            "roles": kind.roles,
+            "example": kind.example,
+            "captioner_example": kind.captioner_example,
+            "description": kind.description,
+            "options": dict(kind.options) if kind.options is not None else None,
+        }
         for kind in _kinds().values()
     ]

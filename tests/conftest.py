@@ -81,3 +81,14 @@ def reinforced(sample_shards, small_job_dict, tmp_path_factory):
         ray.shutdown()
     return types.SimpleNamespace(arrow=arrow.output.url, webdataset=webdataset.output.url, arrow_job=arrow,
                                  progress=progress)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models run fastest on one thread: torch's thread pool mostly waits on a loaded machine."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -44,7 +44,10 @@ def test_published_recipes_are_encoded():
         "open_clip:hf-hub:apple/DFN2B-CLIP-ViT-L-14",
         "open_clip:hf-hub:apple/DFN2B-CLIP-ViT-L-14-39B",
     ]
-    assert len(dfndr.captioners) > 1
+    assert [c.spec for c in dfndr.captioners] == [
+        f"open_clip:coca_ViT-L-14@hf-hub:apple/mobileclip2_coca_dfn2b_s13b_{name}"
+        for name in ("mscoco38k_s12m_context77", "gbc1m-short_context77", "docci_s12m_context77")
+    ]
 
 
 def test_overrides_replace_input_and_output():

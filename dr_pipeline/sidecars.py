@@ -1,0 +1,117 @@
+"""Sidecars: columns added to an existing dataset, stored beside its units and joined by key.
+
+`dr-gen run JOB --extend OUT` (extend.py) writes one sidecar file per unit under
+OUT/sidecars/<extension>/: a `key` column and the new columns, one row per row of the unit's
+data file, in the same order. dataset.json lists the extensions in the order they were made,
+each as a `SidecarLayout`; a column either adds a new column or appends rows to an existing
+teacher's text embeddings (its embeddings of new captions), so every text_emb column keeps
+following the manifest's text_rows. The layout and its meaning are data in
+schemas/v1/schema.json ("sidecars"); `reader.ReinforcedDataset` returns the joined rows.
+"""
+
+from __future__ import annotations
+
+import posixpath
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+import schemas
+from dr_pipeline.errors import DatasetError
+from dr_pipeline.plan import DATA_SUFFIX
+from dr_pipeline.schema import SCHEMA_VERSION, arrow_field
+
+_SPEC = schemas.load_spec()
+_JOINS = frozenset(_SPEC["sidecars"]["joins"])
+_WEBDATASET_PER_ROLE = {"image": "teacher_image", "text": "teacher_text", "captions": "captioner"}
+
+
+def sidecar_folder(extension: str) -> str:
+    return _SPEC["sidecars"]["folder"].format(extension=extension)
+
+
+def _template(role: str) -> dict[str, Any]:
+    """The schema template of a column role (teacher_fields by role, or the captions field)."""
+    templates = _SPEC["teacher_fields"] + _SPEC["captioner_fields"]
+    return next(template for template in templates if template["role"] == role)
+
+
+@dataclass(frozen=True)
+class SidecarColumn:
+    id: str  # the teacher or captioner the column belongs to
+    role: str  # "image", "text" or "captions": which schema template it instantiates
+    join: str  # "add" (a new column) or "append_rows" (rows appended to an existing text_emb column)
+    rows: int  # K views, text rows or S captions per sample
+    dim: int | None = None  # embedding dimension; None for captions
+
+    def __post_init__(self) -> None:
+        if self.join not in _JOINS or self.role not in _WEBDATASET_PER_ROLE:
+            raise ValueError(f"unknown sidecar column role {self.role!r} or join {self.join!r}")
+
+    @property
+    def name(self) -> str:
+        return _template(self.role)["name"].format(id=self.id)
+
+    def arrow_field(self, arrow_dtype: str) -> pa.Field:
+        variables = {"id": self.id, "dim": self.dim, "dtype": arrow_dtype, "num_views": self.rows,
+                     "num_texts": self.rows, "num_captions": self.rows}
+        return arrow_field(_template(self.role), variables)
+
+
+@dataclass(frozen=True)
+class SidecarLayout:
+    """The columns one extension added, as the manifest's "extensions" entries record them."""
+
+    extension: str
+    embedding_dtype: str
+    columns: tuple[SidecarColumn, ...]
+
+    def data_file(self, unit_id: str, output_format: str) -> str:
+        return posixpath.join(sidecar_folder(self.extension), f"{unit_id}.{DATA_SUFFIX[output_format]}")
+
+    def stats_file(self, unit_id: str) -> str:
+        """Written last: its presence marks the sidecar unit as committed."""
+        return posixpath.join(sidecar_folder(self.extension), f"{unit_id}.stats.json")
+
+    @property
+    def extension_file(self) -> str:
+        return posixpath.join(sidecar_folder(self.extension), "extension.json")
+
+    def arrow_schema(self) -> pa.Schema:
+        arrow_dtype = _SPEC["embedding_dtypes"][self.embedding_dtype]["arrow"]
+        fields = [arrow_field(f, {}) for f in _SPEC["sidecars"]["fields"]]
+        fields += [column.arrow_field(arrow_dtype) for column in self.columns]
+        metadata = {"dr_gen.schema_version": SCHEMA_VERSION, "dr_gen.sidecar": self.extension}
+        return pa.schema(fields, metadata=metadata)
+
+    def webdataset_members(self, keep_images: bool = False) -> list[dict[str, Any]]:
+        """Member suffixes of one sample, as the dataset's own members name these columns."""
+        members = {member["per"]: member for member in _SPEC["webdataset"]["members"]}
+        result = []
+        for column in self.columns:
+            member = members[_WEBDATASET_PER_ROLE[column.role]]
+            result.append({
+                "suffix": member["suffix"].format(id=column.id),
+                "fields": [field.format(id=column.id) for field in member["fields"]],
+                "encoding": member["encoding"],
+            })
+        return result
+
+    def join(self, row: dict[str, Any], sidecar_row: dict[str, Any], where: str) -> None:
+        """Add this sidecar's values for one row to it (embeddings still as stored)."""
+        if sidecar_row["key"] != row["key"]:
+            raise DatasetError(f"{where}: sidecar row {sidecar_row['key']!r} does not align with row {row['key']!r}")
+        for column in self.columns:
+            value = sidecar_row[column.name]
+            row[column.name] = np.concatenate([row[column.name], value]) if column.join == "append_rows" else value
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"extension": self.extension, "embedding_dtype": self.embedding_dtype,
+                "columns": [asdict(column) for column in self.columns]}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "SidecarLayout":
+        columns = tuple(SidecarColumn(**column) for column in data["columns"])
+        return cls(data["extension"], data["embedding_dtype"], columns)
