@@ -308,7 +308,7 @@ def extended_manifest(
     }
     job = extension.job
     updated = build_manifest(job, layout_for(job, combined), combined, units, unit_stats, manifest["created_at"])
-    updated["extensions"] = [*manifest.get("extensions", []), sidecar.to_dict()]
+    updated["extensions"] = [*manifest.get("extensions", []), {**sidecar.to_dict(), "extends": manifest["config_hash"]}]
     updated["runs"] = [*manifest.get("runs", []), *runs]
     validate_manifest(updated)
     return updated

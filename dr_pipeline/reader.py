@@ -22,7 +22,8 @@ from dr_pipeline.augment import ViewParams
 from dr_pipeline.errors import DatasetError
 from dr_pipeline.manifest import read_manifest
 from dr_pipeline.schema import DatasetLayout, from_storage
-from dr_pipeline.sidecars import SidecarLayout
+from dr_pipeline.sidecars import SidecarLayout, base_layout
+from dr_pipeline.storage import Location
 
 
 def embedding_matrix(column: pa.Array) -> np.ndarray:
@@ -38,10 +39,7 @@ class ReinforcedDataset:
         self.location, self.manifest = read_manifest(url, storage_options)
         self.layout = DatasetLayout.from_dict(self.manifest["layout"])
         self.sidecars = [SidecarLayout.from_dict(entry) for entry in self.manifest.get("extensions", [])]
-        added = {column.name for sidecar in self.sidecars for column in sidecar.columns if column.join == "add"}
-        self._members = [  # of the units' own tars: what no sidecar added
-            member for member in self.layout.webdataset_members(keep_images=True) if not set(member["fields"]) & added
-        ]
+        self._members = base_layout(self.layout, self.sidecars).webdataset_members(keep_images=True)
 
     @property
     def units(self) -> list[dict[str, Any]]:
@@ -68,11 +66,8 @@ class ReinforcedDataset:
             yield self._decode_embeddings(row)
 
     def _iter_file(self, relative_path: str, members: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-        """Rows of one data or sidecar file, embeddings as stored."""
-        path = self.location.join(relative_path)
-        if self.manifest["format"] == "arrow":
-            return self._iter_parquet(path)
-        return self._iter_tar(path, members)
+        embedding_names = set(self.layout.embedding_shapes())
+        return file_rows(self.location, relative_path, self.manifest["format"], members, embedding_names)
 
     def _decode_embeddings(self, row: dict[str, Any]) -> dict[str, Any]:
         dtype = self.layout.embedding_dtype
@@ -81,29 +76,41 @@ class ReinforcedDataset:
         row["aug"] = [ViewParams.from_record(r) for r in row["aug"]]
         return row
 
-    def _iter_parquet(self, path: str) -> Iterator[dict[str, Any]]:
-        shapes = self.layout.embedding_shapes()
-        with self.location.fs.open(path, "rb") as handle:
-            for batch in pq.ParquetFile(handle).iter_batches(batch_size=256):
-                names = [name for name in batch.schema.names if name in shapes]
-                embeddings = {name: embedding_matrix(batch.column(name)) for name in names}
-                plain = batch.drop_columns(names).to_pylist()
-                for i, row in enumerate(plain):
-                    row.update({name: values[i] for name, values in embeddings.items()})
-                    yield row
 
-    def _iter_tar(self, path: str, members: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-        with self.location.fs.open(path, "rb") as handle, tarfile.open(fileobj=handle, mode="r|") as tar:
-            current_key, raw = None, {}
-            for info in tar:
-                key, _, suffix = info.name.partition(".")
-                if key != current_key and raw:
-                    yield _tar_row(current_key, raw, members)
-                    raw = {}
-                current_key = key
-                raw[suffix] = tar.extractfile(info).read()
-            if raw:
+def file_rows(
+    location: Location, relative_path: str, file_format: str, members: list[dict[str, Any]], embedding_names: set[str]
+) -> Iterator[dict[str, Any]]:
+    """Rows of one data or sidecar file, embeddings as stored: of a Parquet file its columns (those
+    in `embedding_names` as [rows, D] arrays), of a tar the `members` of each sample."""
+    path = location.join(relative_path)
+    if file_format == "arrow":
+        return _parquet_rows(location, path, embedding_names)
+    return _tar_rows(location, path, members)
+
+
+def _parquet_rows(location: Location, path: str, embedding_names: set[str]) -> Iterator[dict[str, Any]]:
+    with location.fs.open(path, "rb") as handle:
+        for batch in pq.ParquetFile(handle).iter_batches(batch_size=256):
+            names = [name for name in batch.schema.names if name in embedding_names]
+            embeddings = {name: embedding_matrix(batch.column(name)) for name in names}
+            plain = batch.drop_columns(names).to_pylist()
+            for i, row in enumerate(plain):
+                row.update({name: values[i] for name, values in embeddings.items()})
+                yield row
+
+
+def _tar_rows(location: Location, path: str, members: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    with location.fs.open(path, "rb") as handle, tarfile.open(fileobj=handle, mode="r|") as tar:
+        current_key, raw = None, {}
+        for info in tar:
+            key, _, suffix = info.name.partition(".")
+            if key != current_key and raw:
                 yield _tar_row(current_key, raw, members)
+                raw = {}
+            current_key = key
+            raw[suffix] = tar.extractfile(info).read()
+        if raw:
+            yield _tar_row(current_key, raw, members)
 
 
 def _tar_row(key: str, raw: dict[str, bytes], members: list[dict[str, Any]]) -> dict[str, Any]:

@@ -12,7 +12,7 @@ schemas/v1/schema.json ("sidecars"); `reader.ReinforcedDataset` returns the join
 from __future__ import annotations
 
 import posixpath
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -21,7 +21,7 @@ import pyarrow as pa
 import schemas
 from dr_pipeline.errors import DatasetError
 from dr_pipeline.plan import DATA_SUFFIX
-from dr_pipeline.schema import SCHEMA_VERSION, arrow_field
+from dr_pipeline.schema import SCHEMA_VERSION, DatasetLayout, arrow_field
 
 _SPEC = schemas.load_spec()
 _JOINS = frozenset(_SPEC["sidecars"]["joins"])
@@ -115,3 +115,13 @@ class SidecarLayout:
     def from_dict(cls, data: dict[str, Any]) -> "SidecarLayout":
         columns = tuple(SidecarColumn(**column) for column in data["columns"])
         return cls(data["extension"], data["embedding_dtype"], columns)
+
+
+def base_layout(layout: DatasetLayout, sidecars: list[SidecarLayout]) -> DatasetLayout:
+    """What the units' own data files hold: `layout` (the manifest's, extensions included)
+    without the teachers and captioners the sidecars added. Text embeddings of the base
+    teachers then have the base text rows, as their appended rows live in sidecars too."""
+    added = {(column.role, column.id) for sidecar in sidecars for column in sidecar.columns if column.join == "add"}
+    teachers = tuple(t for t in layout.teachers if ("image", t.id) not in added and ("text", t.id) not in added)
+    captioners = tuple(c for c in layout.captioners if ("captions", c.id) not in added)
+    return replace(layout, teachers=teachers, captioners=captioners)

