@@ -12,7 +12,6 @@ import time
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import ray
 import torch
 import torch.nn.functional as F
 
@@ -29,11 +28,7 @@ from teachers import build_teacher
 EXPECTED_FAILURES = {"undecodable_image", "empty_text"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def ray_local():
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=300 * 1024**2, log_to_driver=False)
-    yield
-    ray.shutdown()
+pytestmark = pytest.mark.usefixtures("local_ray")
 
 
 @pytest.fixture(scope="module")
@@ -49,11 +44,7 @@ def _rows_by_key(dataset):
 
 
 def _failures(dataset):
-    records = []
-    for unit in dataset.units:
-        data = dataset.location.read_bytes(unit["files"]["failures"]["path"]).decode()
-        records += [json.loads(line) for line in data.splitlines()]
-    return records
+    return [record for unit in dataset.units for record in dataset.failures(unit)]
 
 
 def test_every_input_sample_is_accounted_for(arrow_run, sample_shards):

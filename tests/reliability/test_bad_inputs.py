@@ -17,7 +17,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import ray
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -29,6 +28,7 @@ from dr_pipeline.schema import KEY_PATTERN
 from dr_pipeline.validate import validate_dataset
 from teachers import build_teacher
 
+pytestmark = pytest.mark.usefixtures("local_ray")
 MAX_PIXELS = 100_000
 LONG_CAPTION = " ".join(f"word{i}" for i in range(3000))
 KEPT = "kept"
@@ -153,13 +153,6 @@ def _write_shards(folder) -> list[str]:
     return list(paths.values())
 
 
-@pytest.fixture(scope="module", autouse=True)
-def ray_local():
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=300 * 1024**2, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
 @pytest.fixture(scope="module")
 def bad_shards(tmp_path_factory):
     return _write_shards(tmp_path_factory.mktemp("bad_input"))
@@ -185,11 +178,7 @@ def rearranged(bad_shards, small_job_dict, tmp_path_factory):
 
 
 def _failures(dataset):
-    records = []
-    for unit in dataset.units:
-        text = dataset.location.read_bytes(unit["files"]["failures"]["path"]).decode()
-        records += [dict(json.loads(line), unit=unit["id"]) for line in text.splitlines()]
-    return records
+    return [dict(record, unit=unit["id"]) for unit in dataset.units for record in dataset.failures(unit)]
 
 
 def _rows(dataset):

@@ -75,11 +75,7 @@ def flaky_run(sample_shards, small_job_dict, tmp_path_factory):
 
 
 def _failures(dataset):
-    records = []
-    for unit in dataset.units:
-        text = dataset.location.read_bytes(unit["files"]["failures"]["path"]).decode()
-        records += [json.loads(line) for line in text.splitlines()]
-    return records
+    return [record for unit in dataset.units for record in dataset.failures(unit)]
 
 
 def test_a_teacher_actor_killed_mid_run_loses_nothing(flaky_run):
