@@ -202,7 +202,7 @@ def process_unit(
         "seconds_by_stage": clock.rounded(),
     }
     out.write_json_atomic(stats, unit.stats_file)
-    report_progress(written, len(failures), force=True)
+    report_progress.finish(written, len(failures))
     return stats
 
 
