@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -17,6 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from dr_pipeline.errors import ConfigError
+from dr_pipeline.storage import url_credentials_problem
 
 Slug = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]{0,47}$")]
 Probability = Annotated[float, Field(ge=0.0, le=1.0)]
@@ -119,23 +121,48 @@ class CaptionPostprocessConfig(StrictModel):
     cut_at_first_period: bool = True
 
 
-class TeacherConfig(StrictModel):
+class ModelConfig(StrictModel):
+    """A teacher or captioner: a spec string, the options of its kind, how to batch and run it."""
+
     id: Slug
     spec: str = Field(min_length=3)
     options: dict[str, Any] = Field(default_factory=dict)  # settings of the spec's kind (see `dr-gen teachers`)
-    batch_size: int = Field(256, ge=1, le=65536)
     precision: Precision = "auto"
 
+    @field_validator("spec")
+    @classmethod
+    def _no_credentials(cls, value: str) -> str:
+        _refuse_credentials(value, "give the weights' storage its credentials through its environment or config files")
+        return value
 
-class CaptionerConfig(StrictModel):
-    id: Slug
-    spec: str = Field(min_length=3)
-    options: dict[str, Any] = Field(default_factory=dict)  # settings of the spec's kind (see `dr-gen teachers`)
+
+class TeacherConfig(ModelConfig):
+    batch_size: int = Field(256, ge=1, le=65536)
+
+
+class CaptionerConfig(ModelConfig):
     num_captions: int = Field(5, ge=1, le=64)
     sampler: SamplerConfig = SamplerConfig()
     postprocess: CaptionPostprocessConfig = CaptionPostprocessConfig()
     batch_size: int = Field(64, ge=1, le=65536)
-    precision: Precision = "auto"
+
+
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://\S+")
+
+
+def _refuse_credentials(text: str, remedy: str) -> None:
+    """URLs (also inside a teacher spec) are recorded in the dataset and in logs, so none may
+    carry credentials; `remedy` says where they go instead."""
+    for url in _URL.findall(text):
+        if problem := url_credentials_problem(url):
+            raise ValueError(f"{problem}; URLs are recorded in the dataset, so {remedy}")
+
+
+def _storage_options_remedy(section: str) -> str:
+    return (
+        f"pass credentials in {section}.storage_options "
+        "(e.g. key/secret for s3, token for gcs, headers or params for http)"
+    )
 
 
 class InputConfig(StrictModel):
@@ -156,6 +183,8 @@ class InputConfig(StrictModel):
         items = [value] if isinstance(value, str) else value
         if not items or any(not item.strip() for item in items):
             raise ValueError("input urls must be a non-empty URL, pattern or list of them")
+        for item in items:
+            _refuse_credentials(item, _storage_options_remedy("input"))
         return value
 
     @property
@@ -169,6 +198,12 @@ class OutputConfig(StrictModel):
     embedding_dtype: Literal["float16", "bfloat16", "float32"] = "float16"
     keep_images: bool = False
     storage_options: dict[str, Any] = Field(default_factory=dict, repr=False)
+
+    @field_validator("url")
+    @classmethod
+    def _no_credentials(cls, value: str) -> str:
+        _refuse_credentials(value, _storage_options_remedy("output"))
+        return value
 
 
 class ResourcesConfig(StrictModel):

@@ -279,7 +279,7 @@ def extend_unit(
         "seconds_by_stage": clock.rounded(),
     }
     out.write_json_atomic(stats, sidecar.stats_file(unit.id))
-    report_progress(written, 0, force=True)
+    report_progress.finish(written, 0)
     return stats
 
 

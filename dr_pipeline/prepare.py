@@ -51,6 +51,15 @@ class ViewBatch:
     def __len__(self) -> int:
         return len(self.keys)
 
+    def rows(self, indices: list[int]) -> "ViewBatch":
+        """The batch of only these rows, in this order."""
+        return ViewBatch(
+            keys=[self.keys[i] for i in indices],
+            texts=[self.texts[i] for i in indices],
+            views=self.views[indices],
+            caption_views={size: views[indices] for size, views in self.caption_views.items()},
+        )
+
 
 @dataclass
 class PreparedBatch:

@@ -50,6 +50,12 @@ class UnitReporter:
             self.last = time.monotonic()
             self.tally.report.remote(self.unit_id, samples, failures)
 
+    def finish(self, samples: int, failures: int) -> None:
+        """The unit's final counts, in the tally before its task returns: the driver takes its
+        last snapshot when the task's result arrives, and would otherwise miss them."""
+        if self.tally is not None:
+            ray.get(self.tally.report.remote(self.unit_id, samples, failures))
+
 
 def start_tally() -> Any:
     """The tally actor; zero CPUs so it never waits for a slot, and it lives as long as the driver."""

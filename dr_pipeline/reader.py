@@ -54,6 +54,11 @@ class ReinforcedDataset:
             if wanted is None or unit["id"] in wanted:
                 yield from self.iter_unit(unit)
 
+    def failures(self, unit: dict[str, Any]) -> list[dict[str, Any]]:
+        """The unit's rejected input samples: {"key", "reason", "detail"} each, in input order."""
+        text = self.location.read_bytes(unit["files"]["failures"]["path"]).decode()
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+
     def iter_unit(self, unit: dict[str, Any]) -> Iterator[dict[str, Any]]:
         """The unit's rows, in order, joined with the unit's sidecar rows."""
         files = [self._iter_file(unit["files"]["data"]["path"], self._members)]

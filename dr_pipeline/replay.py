@@ -3,9 +3,10 @@
 A dataset stores only view parameters, so `show`, `verify`, the PyTorch dataset and
 the exporter render the views again with the generator's own `augment.render_view`
 from the decoded original. The original is the output's `image` column when the job
-kept images, else the sample re-read from the unit's input shard (the unredacted URL
-from plan.json) and checked against the sha256 recorded at generation, so a moved or
-rewritten input is an error rather than a silently wrong view.
+kept images, else the sample re-read from the unit's input shard (its URL from plan.json,
+credential-free since the config refuses credentials in URLs; the caller gives the storage
+options) and checked against the sha256 recorded at generation, so a moved or rewritten
+input is an error rather than a silently wrong view.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ def _input_config(dataset: ReinforcedDataset, storage_options: dict[str, Any] | 
 
 
 def _unit_inputs(dataset: ReinforcedDataset) -> dict[str, str]:
-    """Unit id -> input shard URL as planned (the manifest's copy is redacted)."""
+    """Unit id -> input shard URL as planned (the manifest's copy went through redact_url too)."""
     plan = read_plan(dataset.location)
     return {u.id: u.input for u in plan[1]} if plan else {u["id"]: u["input"] for u in dataset.units}
 

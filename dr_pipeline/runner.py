@@ -106,33 +106,46 @@ def layout_for(job: JobConfig, cards: dict[str, list[dict[str, Any]]]) -> Datase
 
 
 def model_results(
-    batches: Iterable[tuple[T, ViewBatch]], worker: Any, resources: ResourcesConfig, clock: StageClock
-) -> Iterator[tuple[T, BatchResult | str]]:
+    batches: Iterable[tuple[list[T], ViewBatch]], worker: Any, resources: ResourcesConfig, clock: StageClock
+) -> Iterator[tuple[list[T], BatchResult | str]]:
     """Each batch through the model actor, in order, with `batches_in_flight` queued so the
-    actor never waits on this CPU task; a batch that fails is retried, and after
-    `max_batch_retries` comes back as the error's line instead of a result."""
-    in_flight: deque[tuple[T, Any, Any]] = deque()
+    actor never waits on this CPU task. `items` are the batch's rows (samples or keys).
 
-    def finish_oldest() -> tuple[T, BatchResult | str]:
-        item, batch_ref, result_ref = in_flight.popleft()
-        retries = 0
-        while True:
-            try:
-                with clock.stage("wait_for_models"):
-                    return item, ray.get(result_ref)
-            except ray.exceptions.RayTaskError as error:
-                if retries == resources.max_batch_retries:
-                    return item, one_line(error)
-                retries += 1
-                result_ref = worker.process.remote(batch_ref)
+    A batch that fails is retried `max_batch_retries` times; then each of its rows is tried
+    alone, so one sample the models cannot take costs only itself: a row that fails alone
+    comes back as the error's line instead of a result.
+    """
+    in_flight: deque[tuple[list[T], Any, Any]] = deque()
 
-    for item, batch in batches:
+    def attempt(result_ref: Any) -> BatchResult | str:
+        try:
+            with clock.stage("wait_for_models"):
+                return ray.get(result_ref)
+        except ray.exceptions.RayTaskError as error:
+            return one_line(error)
+
+    def finish_oldest() -> Iterator[tuple[list[T], BatchResult | str]]:
+        items, batch_ref, result_ref = in_flight.popleft()
+        result = attempt(result_ref)
+        for _ in range(resources.max_batch_retries):
+            if isinstance(result, BatchResult):
+                break
+            result = attempt(worker.process.remote(batch_ref))
+        if isinstance(result, BatchResult) or len(items) == 1:
+            yield items, result
+            return
+        batch = ray.get(batch_ref)
+        alone = [worker.process.remote(batch.rows([row])) for row in range(len(items))]
+        for item, result_ref in zip(items, alone):
+            yield [item], attempt(result_ref)
+
+    for items, batch in batches:
         batch_ref = ray.put(batch)
-        in_flight.append((item, batch_ref, worker.process.remote(batch_ref)))
+        in_flight.append((items, batch_ref, worker.process.remote(batch_ref)))
         while len(in_flight) >= resources.batches_in_flight:
-            yield finish_oldest()
+            yield from finish_oldest()
     while in_flight:
-        yield finish_oldest()
+        yield from finish_oldest()
 
 
 def process_unit(
@@ -189,7 +202,7 @@ def process_unit(
         "seconds_by_stage": clock.rounded(),
     }
     out.write_json_atomic(stats, unit.stats_file)
-    report_progress(written, len(failures), force=True)
+    report_progress.finish(written, len(failures))
     return stats
 
 
@@ -295,6 +308,8 @@ def run_job(
     done = read_unit_stats(out, units)
     summary = RunSummary(output=out.url(), units_planned=len(units), units_skipped=len(done))
     todo = [u for u in units if u.id not in done]
+    if todo:
+        _check_writable(out)  # storage may have turned read-only since the plan was written
     if not todo and out.exists(MANIFEST_FILE):
         previous = out.read_json(MANIFEST_FILE)
         if previous["status"] != "complete":  # killed after the last unit, before the manifest

@@ -129,6 +129,22 @@ def json_bytes(obj: Any) -> bytes:
     return (json.dumps(obj, indent=1, sort_keys=False, ensure_ascii=False) + "\n").encode()
 
 
+def url_credentials_problem(url: str) -> str | None:
+    """What in the URL could be a credential, or None. dr-gen records input and output URLs
+    (plan.json, dataset.json, stats markers, logs), so they must carry none: a password in the
+    user info, or the query string of an http(s) URL (signed URLs, tokens; other filesystems
+    read "?" as a glob character). The message never repeats the secret."""
+    parts = urlsplit(url)
+    if not parts.scheme or len(parts.scheme) == 1:
+        return None
+    where = redact_url(url)
+    if parts.password is not None:
+        return f"{where} carries a password in the URL"
+    if parts.scheme.lower() in ("http", "https") and parts.query:
+        return f"{where} carries a query string (signatures and tokens hide there)"
+    return None
+
+
 def redact_url(url: str) -> str:
     """The URL without user info or query string, which is where credentials hide."""
     parts = urlsplit(url)

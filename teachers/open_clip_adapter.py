@@ -189,7 +189,7 @@ def load_model(spec_text: str, rest: str) -> tuple[nn.Module, str]:
         raise ConfigError(f"spec {spec_text!r}: {error}") from error
     with seeded_init(rest) as seed:
         try:
-            model = open_clip.create_model(spec.model, pretrained=pretrained, device="cpu")
+            model = open_clip.create_model(spec.model, pretrained=pretrained, device="cpu", weights_only=True)
         except Exception as error:  # open_clip reports bad weights with many types, asserts included
             raise ConfigError(f"spec {spec_text!r}: cannot load the open_clip model ({error_line(error)})") from error
         if spec.random_init:

@@ -57,6 +57,16 @@ def _small_job_dict(shards, output_url, **overrides):
     return data
 
 
+@pytest.fixture(scope="module")
+def local_ray():
+    """A local Ray session for one test module (`pytestmark = pytest.mark.usefixtures("local_ray")`)."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=300 * 1024**2, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
 @pytest.fixture(scope="session")
 def reinforced(sample_shards, small_job_dict, tmp_path_factory):
     """Two real runs of the small job on the sample shards, in one Ray session: an Arrow dataset without

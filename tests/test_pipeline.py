@@ -3,6 +3,7 @@
 import hashlib
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -11,7 +12,6 @@ import time
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import ray
 import torch
 import torch.nn.functional as F
 
@@ -22,16 +22,13 @@ from dr_pipeline.errors import ConfigError
 from dr_pipeline.reader import open_dataset
 from dr_pipeline.runner import run_job
 from dr_pipeline.schema import SCHEMA_VERSION
+from dr_pipeline.validate import validate_dataset
 from teachers import build_teacher
 
 EXPECTED_FAILURES = {"undecodable_image", "empty_text"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def ray_local():
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=300 * 1024**2, log_to_driver=False)
-    yield
-    ray.shutdown()
+pytestmark = pytest.mark.usefixtures("local_ray")
 
 
 @pytest.fixture(scope="module")
@@ -47,11 +44,7 @@ def _rows_by_key(dataset):
 
 
 def _failures(dataset):
-    records = []
-    for unit in dataset.units:
-        data = dataset.location.read_bytes(unit["files"]["failures"]["path"]).decode()
-        records += [json.loads(line) for line in data.splitlines()]
-    return records
+    return [record for unit in dataset.units for record in dataset.failures(unit)]
 
 
 def test_every_input_sample_is_accounted_for(arrow_run, sample_shards):
@@ -175,7 +168,8 @@ def _committed_units(out):
 
 
 def test_killed_run_resumes_to_the_same_dataset(arrow_run, sample_shards, small_job_dict, tmp_path):
-    """SIGKILL the whole `dr-gen run` process group after its first unit commits, then rerun."""
+    """SIGKILL the whole `dr-gen run` process group at random points, twice, then rerun: the first
+    kill lands in start-up or in the first unit, the second after a unit committed."""
     _, _, reference = arrow_run
     out = tmp_path / "killed"
     data = small_job_dict(sample_shards, out, output={"keep_images": True})
@@ -183,18 +177,23 @@ def test_killed_run_resumes_to_the_same_dataset(arrow_run, sample_shards, small_
     job_file.write_text(json.dumps(data))
     command = [sys.executable, "-m", "dr_pipeline.cli", "run", str(job_file)]
     env = {**os.environ, "RAY_ADDRESS": ""}
-    process = subprocess.Popen(command, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while not _committed_units(out) and process.poll() is None and time.time() < deadline:
-        time.sleep(0.2)
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
-    assert 1 <= len(_committed_units(out)) < len(sample_shards), "the kill should land mid-run"
+    seed = random.randrange(2**32)
+    rng = random.Random(seed)
+    for commits_before_kill in (0, 1):
+        process = subprocess.Popen(command, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.DEVNULL)
+        deadline = time.time() + 240
+        while len(_committed_units(out)) < commits_before_kill and process.poll() is None and time.time() < deadline:
+            time.sleep(0.2)
+        time.sleep(rng.uniform(0, 1.5))
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    assert _committed_units(out), f"the second kill should land after a unit committed (seed {seed})"
     rerun = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr
     resumed = open_dataset(str(out))
-    assert resumed.manifest["status"] == "complete"
+    assert resumed.manifest["status"] == "complete", f"seed {seed}"
+    assert validate_dataset(str(out)).problems == []
     assert resumed.manifest["totals"] == reference.manifest["totals"]
     assert not [p for p in (out / "data").iterdir() if p.name.startswith(".")], "temp files left behind"
     rows, expected = list(resumed.iter_samples()), _rows_by_key(reference)

@@ -1,0 +1,110 @@
+"""Faults on demand, for the reliability tests: a teacher that dies or fails as told, and a
+filesystem whose writes break. Both are named by strings (a `python:` spec, an fsspec
+protocol), so they reach Ray workers the way real teachers and storage do."""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import os
+import signal
+from typing import Any
+
+import fsspec
+import torch
+from fsspec.implementations.local import LocalFileSystem
+
+from dr_pipeline.config import TeacherConfig
+from teachers import build_teacher
+
+TINY_TEACHER = "open_clip:dr-tiny-vit-32"
+FLAKY_SPEC = "python:tests.reliability.faulty:FlakyTeacher"
+
+
+class FlakyTeacher:
+    """The tiny open_clip teacher, with the faults its options ask for:
+
+    - die_at_call N, die_marker PATH: the actor process SIGKILLs itself at its Nth image batch,
+      once (the marker file records that it happened, across the restart);
+    - fail_on_text WORD, attempts_log PATH: every text batch holding WORD raises, and appends
+      its texts to the log, one line per attempt.
+    """
+
+    def __init__(self, config: TeacherConfig, device: torch.device, precision: str):
+        self.inner = build_teacher(TeacherConfig(id=config.id, spec=TINY_TEACHER), device, precision)
+        self.card = dataclasses.replace(self.inner.card, spec=config.spec, kind="python")
+        self.options = config.options
+        self.image_calls = 0
+
+    def encode_image(self, views: torch.Tensor) -> torch.Tensor:
+        self.image_calls += 1
+        marker = self.options.get("die_marker")
+        if self.image_calls == self.options.get("die_at_call") and marker and not os.path.exists(marker):
+            open(marker, "w").close()
+            os.kill(os.getpid(), signal.SIGKILL)
+        return self.inner.encode_image(views)
+
+    def encode_text(self, texts: list[str]) -> torch.Tensor:
+        word = self.options.get("fail_on_text")
+        if word and any(word in text for text in texts):
+            with open(self.options["attempts_log"], "a") as log:
+                log.write(" | ".join(texts) + "\n")
+            raise RuntimeError(f"injected failure on a text holding {word!r}")
+        return self.inner.encode_text(texts)
+
+
+class FaultyFileSystem(LocalFileSystem):
+    """Local files under the `faulty://` protocol, with write errors set by storage options:
+
+    - read_only: every open for writing raises PermissionError (EROFS);
+    - full_for: files whose name contains one of these strings take `capacity` bytes, then
+      raise OSError (ENOSPC), leaving them half-written.
+    Other options (tokens, keys) are accepted and ignored, as a real backend's would be used.
+    """
+
+    protocol = "faulty"
+
+    def __init__(self, read_only: bool = False, full_for: tuple[str, ...] = (), capacity: int = 4, **options: Any):
+        super().__init__(**options)
+        self.read_only = read_only
+        self.full_for = tuple(full_for)
+        self.capacity = capacity
+
+    def _open(self, path: str, mode: str = "rb", **kwargs: Any) -> Any:
+        writing = "r" not in mode
+        if writing and self.read_only:
+            raise PermissionError(errno.EROFS, "Read-only file system", path)
+        file = super()._open(path, mode, **kwargs)
+        if writing and any(part in os.path.basename(path) for part in self.full_for):
+            return _FillingFile(file, self.capacity)
+        return file
+
+
+class _FillingFile:
+    """A file on a disk that fills up after `capacity` bytes."""
+
+    def __init__(self, file: Any, capacity: int):
+        self._file = file
+        self._room = capacity
+
+    def write(self, data: bytes) -> int:
+        if len(data) > self._room:
+            self._file.write(bytes(data[: self._room]))
+            self._room = 0
+            raise OSError(errno.ENOSPC, "No space left on device (injected)", self._file.path)
+        self._room -= len(data)
+        return self._file.write(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._file, name)
+
+    def __enter__(self) -> "_FillingFile":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._file.close()
+
+
+def register_faulty_filesystem() -> None:
+    """Ray's worker_process_setup_hook: every worker knows the `faulty` protocol."""
+    fsspec.register_implementation(FaultyFileSystem.protocol, FaultyFileSystem, clobber=True)
