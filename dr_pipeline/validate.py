@@ -162,7 +162,7 @@ class DatasetValidator:
         if plan is None:
             problems.append("plan.json: missing")
             return problems
-        config_hash, planned = plan
+        config_hash, planned, _ = plan
         if config_hash != manifest["config_hash"]:
             problems.append(f"plan.json: config hash {config_hash}, dataset.json says {manifest['config_hash']}")
         if len(planned) != recorded["units_planned"]:
