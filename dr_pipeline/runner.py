@@ -217,12 +217,14 @@ def start_workers(
     job: JobConfig, worker_class: type = ModelWorker, worker_arg: Any = None
 ) -> tuple[list[Any], list[str], dict[str, Any]]:
     """The model actors, `worker_class(worker_arg or job, use_gpu)` placed by the job's
-    resources, their node ids, and the cards of the loaded models."""
+    resources and spread over the cluster's nodes (unit tasks follow their actor, so the CPU
+    work spreads too), their node ids, and the cards of the loaded models."""
     gpus = job.resources.gpus_per_actor
     if gpus == "auto":
         gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
     actor_class = ray.remote(worker_class).options(
-        num_cpus=job.resources.cpus_per_actor, num_gpus=gpus, max_restarts=3, max_task_retries=3
+        num_cpus=job.resources.cpus_per_actor, num_gpus=gpus, max_restarts=3, max_task_retries=3,
+        scheduling_strategy="SPREAD",
     )
     workers = [actor_class.remote(worker_arg or job, gpus > 0) for _ in range(job.resources.actors)]
     try:
