@@ -59,7 +59,7 @@ from dr_pipeline.runner import (
     run_unit_tasks,
     start_workers,
 )
-from dr_pipeline.schema import DatasetLayout
+from dr_pipeline.schema import DatasetLayout, storage_columns
 from dr_pipeline.sidecars import SidecarColumn, SidecarLayout, sidecar_folder
 from dr_pipeline.storage import Location, redact_url
 from dr_pipeline.timing import StageClock
@@ -269,7 +269,10 @@ def extend_unit(
             columns: dict[str, Any] = {"key": keys}
             for column in sidecar.columns:
                 values = {"image": result.image_emb, "text": result.text_emb, "captions": result.captions}[column.role]
-                columns[column.name] = values[column.id]
+                if column.role == "captions":
+                    columns[column.name] = values[column.id]
+                else:
+                    columns.update(storage_columns(column.name, values[column.id], sidecar.embedding_dtype))
             with clock.stage("write"):
                 writer.write(columns)
             written += len(keys)

@@ -25,10 +25,14 @@ from dr_pipeline.schema import DatasetLayout, from_storage
 from dr_pipeline.sidecars import SidecarLayout
 
 
-def embedding_matrix(column: pa.Array) -> np.ndarray:
-    """An embedding column ([rows] x [dim] fixed-size lists) as [len, rows, dim] in its storage dtype."""
-    rows, dim = column.type.list_size, column.type.value_type.list_size
-    return np.asarray(column.flatten().flatten().to_numpy(zero_copy_only=False)).reshape(len(column), rows, dim)
+def fixed_size_matrix(column: pa.Array) -> np.ndarray:
+    """A column of nested fixed-size lists (embeddings [rows] x [dim], scales [rows]) as one
+    numpy array [len, rows(, dim)] in its stored dtype."""
+    shape, values = [], column
+    while pa.types.is_fixed_size_list(values.type):
+        shape.append(values.type.list_size)
+        values = values.flatten()
+    return np.asarray(values.to_numpy(zero_copy_only=False)).reshape(len(column), *shape)
 
 
 class ReinforcedDataset:
@@ -38,7 +42,7 @@ class ReinforcedDataset:
         self.location, self.manifest = read_manifest(url, storage_options)
         self.layout = DatasetLayout.from_dict(self.manifest["layout"])
         self.sidecars = [SidecarLayout.from_dict(entry) for entry in self.manifest.get("extensions", [])]
-        added = {column.name for sidecar in self.sidecars for column in sidecar.columns if column.join == "add"}
+        added = {name for sidecar in self.sidecars for name in sidecar.added_names()}
         self._members = [  # of the units' own tars: what no sidecar added
             member for member in self.layout.webdataset_members(keep_images=True) if not set(member["fields"]) & added
         ]
@@ -75,18 +79,18 @@ class ReinforcedDataset:
         return self._iter_tar(path, members)
 
     def _decode_embeddings(self, row: dict[str, Any]) -> dict[str, Any]:
-        dtype = self.layout.embedding_dtype
+        dtype, scales = self.layout.embedding_dtype, self.layout.scale_columns()
         for name in self.layout.embedding_shapes():
-            row[name] = from_storage(row[name], dtype)
+            row[name] = from_storage(row[name], dtype, row.pop(scales[name]) if name in scales else None)
         row["aug"] = [ViewParams.from_record(r) for r in row["aug"]]
         return row
 
     def _iter_parquet(self, path: str) -> Iterator[dict[str, Any]]:
-        shapes = self.layout.embedding_shapes()
+        arrays = self.layout.stored_arrays()
         with self.location.fs.open(path, "rb") as handle:
             for batch in pq.ParquetFile(handle).iter_batches(batch_size=256):
-                names = [name for name in batch.schema.names if name in shapes]
-                embeddings = {name: embedding_matrix(batch.column(name)) for name in names}
+                names = [name for name in batch.schema.names if name in arrays]
+                embeddings = {name: fixed_size_matrix(batch.column(name)) for name in names}
                 plain = batch.drop_columns(names).to_pylist()
                 for i, row in enumerate(plain):
                     row.update({name: values[i] for name, values in embeddings.items()})
