@@ -42,7 +42,7 @@ def _start_node(args, env, log):
 
 def _stop_node(process):
     """Stop one node started by _start_node: its process group (ray start, raylet, its workers)."""
-    for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
+    for sig, wait in ((signal.SIGTERM, 5), (signal.SIGKILL, 5)):
         try:
             os.killpg(process.pid, sig)
             process.wait(wait)
