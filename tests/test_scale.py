@@ -134,3 +134,17 @@ def test_the_drivers_memory_stays_bounded_with_many_units(tmp_path):
     manifest = open_dataset(str(tmp_path)).manifest
     assert manifest["totals"]["units_done"] == len(manifest["units"]) == units
     assert manifest["status"] == "complete"
+
+
+def test_cluster_launcher_config_follows_rays_schema():
+    """jobs/cluster.yaml against the schema `ray up` validates it with, from the installed Ray."""
+    import json
+
+    import jsonschema
+    import ray
+
+    schema = json.loads((Path(ray.__file__).parent / "autoscaler" / "ray-schema.json").read_text())
+    config = yaml.safe_load((ROOT / "jobs" / "cluster.yaml").read_text())
+    jsonschema.validate(config, schema)
+    assert config["docker"]["image"].endswith("dr-gen:latest")
+    assert {"head", "gpu_worker"} == config["available_node_types"].keys()
