@@ -195,7 +195,7 @@ class InputConfig(StrictModel):
 class OutputConfig(StrictModel):
     url: str = Field(min_length=1)
     format: Literal["arrow", "webdataset"] = "arrow"
-    embedding_dtype: Literal["float16", "bfloat16", "float32"] = "float16"
+    embedding_dtype: Literal["float16", "bfloat16", "float32", "int8"] = "float16"
     keep_images: bool = False
     storage_options: dict[str, Any] = Field(default_factory=dict, repr=False)
 

@@ -272,7 +272,9 @@ def _bytes_per_sample(job: JobConfig, survey: InputSurvey, dims: list[int | None
     """Bytes of one output sample by part, and how each was obtained; before Parquet compression
     (float16 embeddings hardly compress)."""
     aug = job.augmentation
-    itemsize = np.dtype(load_spec()["embedding_dtypes"][job.output.embedding_dtype]["numpy"]).itemsize
+    dtype = load_spec()["embedding_dtypes"][job.output.embedding_dtype]
+    itemsize = np.dtype(dtype["numpy"]).itemsize
+    scale_bytes = np.dtype(dtype["scale"]).itemsize if "scale" in dtype else 0  # per row, quantised dtypes
     rows = aug.num_views + 1 + job.num_captions
     per_view = 16 + 1  # crop box, flip
     if aug.rand_augment.p > 0:
@@ -282,14 +284,14 @@ def _bytes_per_sample(job: JobConfig, survey: InputSurvey, dims: list[int | None
     caption = survey.caption_bytes or ASSUMED_CAPTION_BYTES
     caption_basis = "mean of the counted input captions" if survey.caption_bytes else "assumed"
     sizes = {
-        "embeddings": float(sum(rows * d * itemsize for d in dims if d is not None)),
+        "embeddings": float(sum(rows * (d * itemsize + scale_bytes) for d in dims if d is not None)),
         "augmentation_params": float(aug.num_views * per_view),
         "real_caption": caption,
         "synthetic_captions": job.num_captions * caption,
         "metadata": float(ASSUMED_METADATA_BYTES),
     }
     basis = {
-        "embeddings": "exact: (K + 1 + S) x D x dtype bytes per teacher"
+        "embeddings": "exact: (K + 1 + S) x (D x dtype bytes + scale bytes) per teacher"
         if all(d is not None for d in dims) else "exact for teachers of known dimension, others left out",
         "augmentation_params": "exact (RandAugment ops counted as if never skipped)",
         "real_caption": caption_basis,

@@ -127,7 +127,8 @@ def _json(value: Any) -> bytes:
 def datacompdr_members(dataset: ReinforcedDataset, row: dict[str, Any], with_image: bool) -> dict[str, bytes]:
     """The tar members of one sample (without the key)."""
     layout = dataset.layout
-    npz_dtype = np.float16 if layout.embedding_dtype == "float16" else np.float32  # npz has no bfloat16
+    # npz has no bfloat16; int8 rows times their scale keep all their precision in float16
+    npz_dtype = np.float16 if layout.embedding_dtype in ("float16", "int8") else np.float32
     synthetic = [row[source["source"]][source["index"]] for source in dataset.manifest["text_rows"][1:]]
     members = {
         "url.txt": (row["url"] or "").encode(),

@@ -35,7 +35,15 @@ import torch
 from dr_pipeline.config import JobConfig, parse_job
 from dr_pipeline.decode import decode_image
 from dr_pipeline.errors import ConfigError, DrGenError
-from dr_pipeline.manifest import build_manifest, read_manifest, read_unit_stats, write_manifest
+from dr_pipeline.manifest import (
+    StatsSum,
+    manifest_head,
+    read_manifest,
+    read_runs,
+    read_unit_stats,
+    write_manifest,
+    write_runs,
+)
 from dr_pipeline.model_worker import BatchResult, ModelWorker
 from dr_pipeline.plan import Unit, read_plan
 from dr_pipeline.prepare import PreparedBatch, ViewBatch
@@ -51,7 +59,7 @@ from dr_pipeline.runner import (
     run_unit_tasks,
     start_workers,
 )
-from dr_pipeline.schema import DatasetLayout, validate_manifest
+from dr_pipeline.schema import DatasetLayout, storage_columns
 from dr_pipeline.sidecars import SidecarColumn, SidecarLayout, sidecar_folder
 from dr_pipeline.storage import Location, redact_url
 from dr_pipeline.timing import StageClock
@@ -261,7 +269,10 @@ def extend_unit(
             columns: dict[str, Any] = {"key": keys}
             for column in sidecar.columns:
                 values = {"image": result.image_emb, "text": result.text_emb, "captions": result.captions}[column.role]
-                columns[column.name] = values[column.id]
+                if column.role == "captions":
+                    columns[column.name] = values[column.id]
+                else:
+                    columns.update(storage_columns(column.name, values[column.id], sidecar.embedding_dtype))
             with clock.stage("write"):
                 writer.write(columns)
             written += len(keys)
@@ -271,6 +282,7 @@ def extend_unit(
     stats = {
         "id": unit.id,
         "extension": extension.id,
+        "node_id": ray.get_runtime_context().get_node_id(),
         "input_samples": written,  # a sidecar unit reads the rows it extends, and drops none
         "samples": written,
         "failures": 0,
@@ -294,24 +306,22 @@ def _check_known_cards(manifest: dict[str, Any], described: dict[str, Any], exte
             raise DrGenError(f"teacher {card['id']!r} no longer loads as the dataset recorded it: {message}")
 
 
-def extended_manifest(
-    manifest: dict[str, Any], extension: Extension, cards: dict[str, list[dict[str, Any]]],
+def write_extended_manifest(
+    out: Location, manifest: dict[str, Any], extension: Extension, cards: dict[str, list[dict[str, Any]]],
     sidecar: SidecarLayout, units: list[Unit], sidecar_stats: dict[str, dict[str, Any]],
     runs: list[dict[str, Any]],
-) -> dict[str, Any]:
+) -> None:
     """dataset.json once the extension is committed: the combined dataset, its sidecars listed,
     the dataset's run records followed by `runs`."""
     combined = {kind: [entry["card"] for entry in manifest[kind]] + cards[kind] for kind in ("teachers", "captioners")}
-    unit_stats = {
-        entry["id"]: {**entry, "files": {**entry["files"], extension.id: sidecar_stats[entry["id"]]["files"]["data"]}}
+    entries = (
+        {**entry, "files": {**entry["files"], extension.id: sidecar_stats[entry["id"]]["files"]["data"]}}
         for entry in manifest["units"]
-    }
+    )
     job = extension.job
-    updated = build_manifest(job, layout_for(job, combined), combined, units, unit_stats, manifest["created_at"])
-    updated["extensions"] = [*manifest.get("extensions", []), {**sidecar.to_dict(), "extends": manifest["config_hash"]}]
-    updated["runs"] = [*manifest.get("runs", []), *runs]
-    validate_manifest(updated)
-    return updated
+    head = manifest_head(job, layout_for(job, combined), combined, manifest["created_at"])
+    tail = {"extensions": [*manifest.get("extensions", []), {**sidecar.to_dict(), "extends": manifest["config_hash"]}], "runs": [*manifest.get("runs", []), *runs]}
+    write_manifest(out, head, entries, len(units), tail)
 
 
 def extend_dataset(
@@ -328,7 +338,7 @@ def extend_dataset(
     if manifest["status"] != "complete":
         raise ConfigError(f"{redact_url(out.url())} is not complete: finish its run before extending it")
     extension = plan_extension(job, manifest)
-    _, units = read_plan(out)
+    units = read_plan(out).units
     summary = RunSummary(output=out.url(), units_planned=len(units))
     if extension is None:
         summary.units_skipped, summary.seconds = len(units), time.time() - started
@@ -350,16 +360,20 @@ def extend_dataset(
             caption_sizes = tuple(sorted({card["input_size"] for card in cards["captioners"]}))
             task = ray.remote(num_cpus=1, max_retries=2, retry_exceptions=[OSError])(extend_unit)
             task_args = (extension, sidecar, caption_sizes)
-            written, progress = run_unit_tasks(
-                task, todo, task_args, workers, nodes, extension.job, done, summary, on_progress
-            )
+            _, progress = run_unit_tasks(task, todo, task_args, workers, nodes, extension.job, summary, on_progress)
             summary.seconds = time.time() - started
-            runs = [run_record(started, summary.seconds, summary.startup_seconds, progress, written)]
+            done = read_unit_stats(out, units, sidecar_folder(extension.id))
+            written = StatsSum()
+            for unit in todo:
+                if unit.id in done:
+                    written.add(done[unit.id])
+            runs = [run_record(started, summary.seconds, summary.startup_seconds, progress, written, nodes)]
     else:  # killed after the last sidecar unit, before the manifest
         saved = out.read_json(sidecar_folder(extension.id), "extension.json")
         cards, sidecar = saved["cards"], SidecarLayout.from_dict(saved["layout"])
         runs = []
     if len(done) == len(units):
-        write_manifest(out, extended_manifest(manifest, extension, cards, sidecar, units, done, runs))
+        write_runs(out, [*read_runs(out), *runs])
+        write_extended_manifest(out, manifest, extension, cards, sidecar, units, done, runs)
     summary.seconds = time.time() - started
     return summary

@@ -1,8 +1,12 @@
 """dataset.json: the one file that says what a dataset is.
 
 It is rebuilt from the per-unit stats markers (the source of truth for what is
-committed), so it can always be regenerated after a crash, and it is written
-atomically, so readers see either the old or the new version.
+committed) and the run records in runs.json, so it can always be regenerated
+after a crash, and it is written atomically, so readers see either the old or
+the new version. The driver never holds every unit's stats at once: markers are
+listed once, read in batches and streamed into dataset.json, so planning,
+resuming and writing the manifest of a 100k-unit job take memory linear in the
+unit ids only (bench/bench_driver_scale.py).
 """
 
 from __future__ import annotations
@@ -10,7 +14,8 @@ from __future__ import annotations
 import datetime
 import json
 from collections import Counter
-from typing import Any, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Iterator
 
 from dr_pipeline import __version__
 from dr_pipeline.config import JobConfig
@@ -20,57 +25,99 @@ from dr_pipeline.schema import SCHEMA_VERSION, DatasetLayout, validate_manifest
 from dr_pipeline.storage import Location, redact_url
 
 MANIFEST_FILE = "dataset.json"
+RUNS_FILE = "runs.json"
+STATS_SUFFIX = ".stats.json"
+MARKERS_PER_READ = 1000
+"""Stats markers fetched per batched read (`fs.cat` of many paths: concurrent on object stores)."""
 
 
 def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
-def read_unit_stats(out: Location, units: Iterable[Unit], folder: str = DATA_DIR) -> dict[str, dict[str, Any]]:
-    """Stats of every committed unit of the plan (in `folder`: data, or a sidecar folder),
-    keyed by unit id (one listing, batched reads)."""
+def committed_unit_ids(out: Location, units: Iterable[Unit], folder: str = DATA_DIR) -> set[str]:
+    """Ids of the units of the plan whose stats marker exists in `folder`: one listing, no reads."""
     wanted = {u.id for u in units}
-    present = out.fs.glob(out.join(folder, "*.stats.json"))
-    paths = [p for p in present if p.rsplit("/", 1)[-1][: -len(".stats.json")] in wanted]
-    if not paths:
-        return {}
-    contents = out.fs.cat(paths)
-    stats = (json.loads(contents[p]) for p in paths)
-    return {s["id"]: s for s in stats}
+    names = (path.rsplit("/", 1)[-1] for path in out.fs.glob(out.join(folder, "*" + STATS_SUFFIX)))
+    return {name[: -len(STATS_SUFFIX)] for name in names} & wanted
+
+
+def iter_unit_stats(out: Location, unit_ids: Iterable[str], folder: str = DATA_DIR) -> Iterator[dict[str, Any]]:
+    """The stats markers of committed units, in the given order, read MARKERS_PER_READ at a time."""
+    batch: list[str] = []
+    for unit_id in unit_ids:
+        batch.append(out.join(folder, unit_id + STATS_SUFFIX))
+        if len(batch) == MARKERS_PER_READ:
+            yield from _read_markers(out, batch)
+            batch = []
+    yield from _read_markers(out, batch)
+
+
+def _read_markers(out: Location, paths: list[str]) -> Iterator[dict[str, Any]]:
+    if paths:
+        contents = out.fs.cat(paths)
+        yield from (json.loads(contents[path]) for path in paths)
+
+
+def read_unit_stats(out: Location, units: Iterable[Unit], folder: str = DATA_DIR) -> dict[str, dict[str, Any]]:
+    """Stats of every committed unit of the plan (in `folder`: data, or a sidecar folder), keyed by unit id."""
+    units = list(units)
+    committed = committed_unit_ids(out, units, folder)
+    return {s["id"]: s for s in iter_unit_stats(out, [u.id for u in units if u.id in committed], folder)}
+
+
+@dataclass
+class StatsSum:
+    """Running sums over unit stats, for the manifest's totals and a run's record, in O(1) memory."""
+
+    units: int = 0
+    input_samples: int = 0
+    samples: int = 0
+    failures: int = 0
+    bytes: int = 0
+    seconds: float = 0.0
+    failures_by_reason: Counter[str] = field(default_factory=Counter)
+    seconds_by_stage: Counter[str] = field(default_factory=Counter)
+    units_by_node: Counter[str] = field(default_factory=Counter)
+
+    def add(self, stats: dict[str, Any]) -> None:
+        self.units += 1
+        self.input_samples += stats["input_samples"]
+        self.samples += stats["samples"]
+        self.failures += stats["failures"]
+        self.bytes += sum(f["bytes"] for f in stats["files"].values())
+        self.seconds += stats.get("seconds", 0.0)
+        self.failures_by_reason.update(stats.get("failures_by_reason", {}))
+        self.seconds_by_stage.update(stats.get("seconds_by_stage", {}))
+        if stats.get("node_id"):
+            self.units_by_node[stats["node_id"]] += 1
+
+    def totals(self, units_planned: int) -> dict[str, Any]:
+        """The manifest's "totals"."""
+        return {"units_planned": units_planned, "units_done": self.units, "input_samples": self.input_samples,
+                "samples": self.samples, "failures": self.failures, "bytes": self.bytes,
+                "failures_by_reason": dict(sorted(self.failures_by_reason.items()))}
 
 
 def totals(units_planned: int, unit_stats: Iterable[dict[str, Any]]) -> dict[str, Any]:
-    by_reason: Counter[str] = Counter()
-    summary = {"units_planned": units_planned, "units_done": 0, "input_samples": 0, "samples": 0, "failures": 0,
-               "bytes": 0}
+    summed = StatsSum()
     for stats in unit_stats:
-        summary["units_done"] += 1
-        for name in ("input_samples", "samples", "failures"):
-            summary[name] += stats[name]
-        summary["bytes"] += sum(f["bytes"] for f in stats["files"].values())
-        by_reason.update(stats["failures_by_reason"])
-    summary["failures_by_reason"] = dict(sorted(by_reason.items()))
-    return summary
+        summed.add(stats)
+    return summed.totals(units_planned)
 
 
-def build_manifest(
-    job: JobConfig,
-    layout: DatasetLayout,
-    cards: dict[str, list[dict[str, Any]]],
-    units: list[Unit],
-    unit_stats: dict[str, dict[str, Any]],
-    created_at: str | None = None,
+def manifest_head(
+    job: JobConfig, layout: DatasetLayout, cards: dict[str, list[dict[str, Any]]], created_at: str,
 ) -> dict[str, Any]:
-    done = [unit_stats[u.id] for u in units if u.id in unit_stats]
+    """Everything in dataset.json but the units, their totals, the status and the runs."""
     config = job.public_dump()
     config["input"]["urls"] = [redact_url(u) for u in job.input.url_list]
     config["output"]["url"] = redact_url(job.output.url)
-    manifest = {
+    return {
         "schema_version": SCHEMA_VERSION,
         "dr_gen_version": __version__,
-        "status": "complete" if len(done) == len(units) else "incomplete",
         "format": job.output.format,
-        "created_at": created_at or _now(),
+        "created_at": created_at,
         "updated_at": _now(),
         "config": config,
         "config_hash": job.output_hash(),
@@ -92,15 +139,45 @@ def build_manifest(
             }
             for c, card in zip(job.captioners, cards["captioners"])
         ],
-        "units": [{**stats, "input": redact_url(stats["input"])} for stats in done],
-        "totals": totals(len(units), done),
     }
-    validate_manifest(manifest)
-    return manifest
 
 
-def write_manifest(out: Location, manifest: dict[str, Any]) -> None:
-    out.write_json_atomic(manifest, MANIFEST_FILE)
+def write_manifest(
+    out: Location, head: dict[str, Any], unit_stats: Iterable[dict[str, Any]], units_planned: int,
+    tail: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Stream dataset.json: `head`, one line per unit (inputs redacted), then the totals, the status
+    and `tail` ("runs", "extensions"). Checked against the manifest schema (with the first unit
+    standing for all: every entry is a stats marker written by the same code) before it replaces
+    the old one. Returns the totals."""
+    summed = StatsSum()
+    first_unit: list[dict[str, Any]] = []
+    with out.open_atomic(MANIFEST_FILE) as handle:
+        opening = json.dumps(head, indent=1, ensure_ascii=False)
+        handle.write((opening[: -len("\n}")] + ',\n "units": [').encode())
+        for stats in unit_stats:
+            entry = {**stats, "input": redact_url(stats["input"])}
+            handle.write(((",\n  " if summed.units else "\n  ") + json.dumps(entry, ensure_ascii=False)).encode())
+            summed.add(entry)
+            first_unit = first_unit or [entry]
+        status = "complete" if summed.units == units_planned else "incomplete"
+        closing = {"totals": summed.totals(units_planned), "status": status, **(tail or {})}
+        handle.write(("\n ],\n" + json.dumps(closing, indent=1, ensure_ascii=False)[len("{\n"):] + "\n").encode())
+        validate_manifest({**head, "units": first_unit, **closing})
+    return closing["totals"]
+
+
+def read_runs(out: Location) -> list[dict[str, Any]]:
+    """The records of every run so far (runs.json; outputs of older dr-gen keep them in dataset.json only)."""
+    if out.exists(RUNS_FILE):
+        return out.read_json(RUNS_FILE)["runs"]
+    if out.exists(MANIFEST_FILE):
+        return out.read_json(MANIFEST_FILE).get("runs", [])
+    return []
+
+
+def write_runs(out: Location, runs: list[dict[str, Any]]) -> None:
+    out.write_json_atomic({"runs": runs}, RUNS_FILE)
 
 
 def read_manifest(url: str, storage_options: dict[str, Any] | None = None) -> tuple[Location, dict[str, Any]]:

@@ -15,7 +15,7 @@ import torch
 
 from dr_pipeline.config import JobConfig, TeacherConfig
 from dr_pipeline.prepare import ViewBatch
-from dr_pipeline.schema import to_storage
+from dr_pipeline.schema import to_storage, transfer_dtype
 from dr_pipeline.seeding import derive_seed
 from dr_pipeline.timing import StageClock
 from teachers import Teacher, build_captioner, build_teacher
@@ -23,7 +23,7 @@ from teachers import Teacher, build_captioner, build_teacher
 
 @dataclass
 class BatchResult:
-    image_emb: dict[str, np.ndarray]  # teacher id -> [N, K, D] in the storage dtype
+    image_emb: dict[str, np.ndarray]  # teacher id -> [N, K, D] in schema.transfer_dtype
     text_emb: dict[str, np.ndarray]  # teacher id -> [N, 1 + S_total, D]
     captions: dict[str, list[list[str]]]  # captioner id -> N lists of S captions
     seconds: dict[str, float]  # time per stage inside the actor (captioning, teacher_forward)
@@ -100,7 +100,7 @@ class ModelWorker:
     ) -> tuple[np.ndarray | None, np.ndarray | None]:
         """One teacher's stored embeddings of views [N, K, 3, S, S] -> [N, K, D] and of N equally
         long rows of texts -> [N, rows, D]; None for a side it does not have or has nothing to embed."""
-        dtype = self.job.output.embedding_dtype
+        dtype = transfer_dtype(self.job.output.embedding_dtype)
         image = text = None
         if teacher.card.has_image and views.shape[1]:
             n, k = views.shape[:2]

@@ -12,6 +12,7 @@ import datetime
 import posixpath
 import re
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from dr_pipeline.config import JobConfig
 from dr_pipeline.errors import ConfigError
@@ -23,7 +24,7 @@ _SHARD_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".parquet")
 DATA_SUFFIX = {"arrow": "parquet", "webdataset": "tar"}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Unit:
     id: str
     input: str
@@ -71,23 +72,28 @@ def make_plan(shard_urls: list[str]) -> list[Unit]:
     return [Unit(unit_id, url) for unit_id, url in zip(unit_ids(shard_urls), shard_urls)]
 
 
-def read_plan(out: Location) -> tuple[str, list[Unit]] | None:
-    """(config hash, units) of an existing plan, or None when the output has none."""
+class Plan(NamedTuple):
+    config_hash: str
+    units: list[Unit]
+    created_at: str  # when the dataset was begun
+
+
+def read_plan(out: Location) -> Plan | None:
+    """The existing plan, or None when the output has none."""
     if not out.exists(PLAN_FILE):
         return None
     data = out.read_json(PLAN_FILE)
-    return data["config_hash"], [Unit(u["id"], u["input"]) for u in data["units"]]
+    return Plan(data["config_hash"], [Unit(u["id"], u["input"]) for u in data["units"]], data["created_at"])
 
 
-def write_plan(out: Location, job: JobConfig, units: list[Unit]) -> None:
+def write_plan(out: Location, job: JobConfig, units: list[Unit]) -> Plan:
+    plan = Plan(job.output_hash(), units, datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
     out.write_json_atomic(
-        {
-            "config_hash": job.output_hash(),
-            "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "units": [{"id": u.id, "input": u.input} for u in units],
-        },
+        {"config_hash": plan.config_hash, "created_at": plan.created_at,
+         "units": [{"id": u.id, "input": u.input} for u in units]},
         PLAN_FILE,
     )
+    return plan
 
 
 def check_plan_matches(out: Location, job: JobConfig, existing_hash: str) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import datetime
 import time
-from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,21 +18,29 @@ import ray
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from dr_pipeline.manifest import StatsSum
+
 POLL_SECONDS = 0.5
 REPORT_SECONDS = 1.0
 
 
 class ProgressTally:
-    """Runs as a Ray actor: each unit's latest (samples, failures)."""
+    """Runs as a Ray actor: each unit's latest (samples, failures), and their sums kept as they
+    change, so a poll costs the same with 100 units or 100k."""
 
     def __init__(self) -> None:
         self.units: dict[str, tuple[int, int]] = {}
+        self.samples = 0
+        self.failures = 0
 
     def report(self, unit_id: str, samples: int, failures: int) -> None:
+        before_samples, before_failures = self.units.get(unit_id, (0, 0))
+        self.samples += samples - before_samples
+        self.failures += failures - before_failures
         self.units[unit_id] = (samples, failures)
 
     def totals(self) -> tuple[int, int]:
-        return sum(s for s, _ in self.units.values()), sum(f for _, f in self.units.values())
+        return self.samples, self.failures
 
 
 class UnitReporter:
@@ -87,25 +94,27 @@ class ProgressTracker:
         self.units_planned = units_planned
         self.units_skipped = units_skipped
         self.started = time.time()
-        self.done_input_samples: list[int] = []
+        self.units_done = 0
+        self.done_input_samples = 0
         self.units_failed = 0
 
     def unit_done(self, stats: dict[str, Any]) -> None:
-        self.done_input_samples.append(stats["input_samples"])
+        self.units_done += 1
+        self.done_input_samples += stats["input_samples"]
 
     def unit_failed(self) -> None:
         self.units_failed += 1
 
     def snapshot(self, samples: int, failures: int) -> RunProgress:
         seconds = time.time() - self.started
-        done = len(self.done_input_samples)
+        done = self.units_done
         remaining_units = self.units_planned - self.units_skipped - done - self.units_failed
         eta = None
         read = samples + failures
         if done and read and seconds > 0:
             # input samples still to read (units not started at the mean size of the finished ones,
             # less what units in progress have read), at the rate input samples were read so far
-            finished = sum(self.done_input_samples)
+            finished = self.done_input_samples
             left = remaining_units * finished / done - (read - finished)
             eta = max(left, 0.0) / (read / seconds)
         return RunProgress(self.units_planned, self.units_skipped, done, self.units_failed, samples, failures,
@@ -113,27 +122,26 @@ class ProgressTracker:
 
 
 def run_record(
-    started_at: float, wall_seconds: float, startup_seconds: float, progress: RunProgress,
-    unit_stats: list[dict[str, Any]],
+    started_at: float, wall_seconds: float, startup_seconds: float, progress: RunProgress, written: StatsSum,
+    actor_nodes: list[str],
 ) -> dict[str, Any]:
-    """This run's entry in the manifest's "runs": what it did, how fast, and where the time went
-    (seconds by stage summed over the units it wrote; stages of different units overlap in time)."""
-    by_stage: Counter[str] = Counter()
-    for stats in unit_stats:
-        by_stage.update(stats.get("seconds_by_stage", {}))
-    samples = sum(s["samples"] for s in unit_stats)
+    """This run's entry in the manifest's "runs": what it did, how fast, where the time went
+    (seconds by stage summed over the units it wrote; stages of different units overlap in time)
+    and where it ran (Ray node ids of the model actors, units written per node)."""
     return {
         "started_at": datetime.datetime.fromtimestamp(started_at, datetime.timezone.utc).isoformat(timespec="seconds"),
         "wall_seconds": round(wall_seconds, 3),
         "startup_seconds": round(startup_seconds, 3),
-        "units_written": len(unit_stats),
+        "units_written": written.units,
         "units_skipped": progress.units_skipped,
         "units_failed": progress.units_failed,
-        "samples": samples,
-        "failures": sum(s["failures"] for s in unit_stats),
-        "samples_per_second": round(samples / progress.seconds, 3) if progress.seconds > 0 else None,
-        "unit_seconds": round(sum(s["seconds"] for s in unit_stats), 3),
-        "seconds_by_stage": {name: round(value, 3) for name, value in sorted(by_stage.items())},
+        "samples": written.samples,
+        "failures": written.failures,
+        "samples_per_second": round(written.samples / progress.seconds, 3) if progress.seconds > 0 else None,
+        "unit_seconds": round(written.seconds, 3),
+        "seconds_by_stage": {name: round(value, 3) for name, value in sorted(written.seconds_by_stage.items())},
+        "actor_nodes": actor_nodes,
+        "units_by_node": dict(sorted(written.units_by_node.items())),
     }
 
 

@@ -26,10 +26,14 @@ from dr_pipeline.sidecars import SidecarLayout, base_layout
 from dr_pipeline.storage import Location
 
 
-def embedding_matrix(column: pa.Array) -> np.ndarray:
-    """An embedding column ([rows] x [dim] fixed-size lists) as [len, rows, dim] in its storage dtype."""
-    rows, dim = column.type.list_size, column.type.value_type.list_size
-    return np.asarray(column.flatten().flatten().to_numpy(zero_copy_only=False)).reshape(len(column), rows, dim)
+def fixed_size_matrix(column: pa.Array) -> np.ndarray:
+    """A column of nested fixed-size lists (embeddings [rows] x [dim], scales [rows]) as one
+    numpy array [len, rows(, dim)] in its stored dtype."""
+    shape, values = [], column
+    while pa.types.is_fixed_size_list(values.type):
+        shape.append(values.type.list_size)
+        values = values.flatten()
+    return np.asarray(values.to_numpy(zero_copy_only=False)).reshape(len(column), *shape)
 
 
 class ReinforcedDataset:
@@ -71,33 +75,33 @@ class ReinforcedDataset:
             yield self._decode_embeddings(row)
 
     def _iter_file(self, relative_path: str, members: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-        embedding_names = set(self.layout.embedding_shapes())
-        return file_rows(self.location, relative_path, self.manifest["format"], members, embedding_names)
+        array_names = set(self.layout.stored_arrays())
+        return file_rows(self.location, relative_path, self.manifest["format"], members, array_names)
 
     def _decode_embeddings(self, row: dict[str, Any]) -> dict[str, Any]:
-        dtype = self.layout.embedding_dtype
+        dtype, scales = self.layout.embedding_dtype, self.layout.scale_columns()
         for name in self.layout.embedding_shapes():
-            row[name] = from_storage(row[name], dtype)
+            row[name] = from_storage(row[name], dtype, row.pop(scales[name]) if name in scales else None)
         row["aug"] = [ViewParams.from_record(r) for r in row["aug"]]
         return row
 
 
 def file_rows(
-    location: Location, relative_path: str, file_format: str, members: list[dict[str, Any]], embedding_names: set[str]
+    location: Location, relative_path: str, file_format: str, members: list[dict[str, Any]], array_names: set[str]
 ) -> Iterator[dict[str, Any]]:
     """Rows of one data or sidecar file, embeddings as stored: of a Parquet file its columns (those
-    in `embedding_names` as [rows, D] arrays), of a tar the `members` of each sample."""
+    in `array_names`, embeddings and scales, as numpy arrays), of a tar the `members` of each sample."""
     path = location.join(relative_path)
     if file_format == "arrow":
-        return _parquet_rows(location, path, embedding_names)
+        return _parquet_rows(location, path, array_names)
     return _tar_rows(location, path, members)
 
 
-def _parquet_rows(location: Location, path: str, embedding_names: set[str]) -> Iterator[dict[str, Any]]:
+def _parquet_rows(location: Location, path: str, array_names: set[str]) -> Iterator[dict[str, Any]]:
     with location.fs.open(path, "rb") as handle:
         for batch in pq.ParquetFile(handle).iter_batches(batch_size=256):
-            names = [name for name in batch.schema.names if name in embedding_names]
-            embeddings = {name: embedding_matrix(batch.column(name)) for name in names}
+            names = [name for name in batch.schema.names if name in array_names]
+            embeddings = {name: fixed_size_matrix(batch.column(name)) for name in names}
             plain = batch.drop_columns(names).to_pylist()
             for i, row in enumerate(plain):
                 row.update({name: values[i] for name, values in embeddings.items()})

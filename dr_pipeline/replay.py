@@ -43,7 +43,7 @@ def _input_config(dataset: ReinforcedDataset, storage_options: dict[str, Any] | 
 def _unit_inputs(dataset: ReinforcedDataset) -> dict[str, str]:
     """Unit id -> input shard URL as planned (the manifest's copy went through redact_url too)."""
     plan = read_plan(dataset.location)
-    return {u.id: u.input for u in plan[1]} if plan else {u["id"]: u["input"] for u in dataset.units}
+    return {u.id: u.input for u in plan.units} if plan else {u["id"]: u["input"] for u in dataset.units}
 
 
 def _checked(data: bytes, row: dict[str, Any], shard: str) -> bytes:

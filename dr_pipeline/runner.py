@@ -23,9 +23,18 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from dr_pipeline.config import JobConfig, ResourcesConfig
 from dr_pipeline.errors import ConfigError, DrGenError
 from dr_pipeline.inputs import list_shards
-from dr_pipeline.manifest import MANIFEST_FILE, build_manifest, read_unit_stats, write_manifest
+from dr_pipeline.manifest import (
+    MANIFEST_FILE,
+    StatsSum,
+    committed_unit_ids,
+    iter_unit_stats,
+    manifest_head,
+    read_runs,
+    write_manifest,
+    write_runs,
+)
 from dr_pipeline.model_worker import BatchResult, ModelWorker
-from dr_pipeline.plan import Unit, check_plan_matches, make_plan, read_plan, write_plan
+from dr_pipeline.plan import Plan, Unit, check_plan_matches, make_plan, read_plan, write_plan
 from dr_pipeline.prepare import ViewBatch, failure_record, prepare_unit
 from dr_pipeline.progress import POLL_SECONDS, ProgressTracker, RunProgress, UnitReporter, run_record, start_tally
 from dr_pipeline.schema import CaptionerColumns, DatasetLayout, TeacherColumns
@@ -75,7 +84,7 @@ def _check_writable(out: Location) -> None:
         raise ConfigError(f"output {redact_url(out.url())} is not writable ({one_line(error)})") from None
 
 
-def plan_output(job: JobConfig, overwrite: bool) -> tuple[Location, list[Unit]]:
+def plan_output(job: JobConfig, overwrite: bool) -> tuple[Location, Plan]:
     """Validate the output folder and return the frozen plan (listing the input only on a first run)."""
     out = Location.from_url(job.output.url, job.output.storage_options)
     existing = read_plan(out) if out.fs.exists(out.path) else None
@@ -83,14 +92,11 @@ def plan_output(job: JobConfig, overwrite: bool) -> tuple[Location, list[Unit]]:
         out.fs.rm(out.path, recursive=True)
         existing = None
     if existing:
-        config_hash, units = existing
-        check_plan_matches(out, job, config_hash)
-        return out, units
+        check_plan_matches(out, job, existing.config_hash)
+        return out, existing
     shards = list_shards(job.input)
     _check_writable(out)
-    units = make_plan(shards)
-    write_plan(out, job, units)
-    return out, units
+    return out, write_plan(out, job, make_plan(shards))
 
 
 def layout_for(job: JobConfig, cards: dict[str, list[dict[str, Any]]]) -> DatasetLayout:
@@ -192,6 +198,7 @@ def process_unit(
     stats = {
         "id": unit.id,
         "input": unit.input,
+        "node_id": ray.get_runtime_context().get_node_id(),
         "config_hash": job.output_hash(),
         "input_samples": written + len(failures),
         "samples": written,
@@ -223,12 +230,14 @@ def start_workers(
     job: JobConfig, worker_class: type = ModelWorker, worker_arg: Any = None
 ) -> tuple[list[Any], list[str], dict[str, Any]]:
     """The model actors, `worker_class(worker_arg or job, use_gpu)` placed by the job's
-    resources, their node ids, and the cards of the loaded models."""
+    resources and spread over the cluster's nodes (unit tasks follow their actor, so the CPU
+    work spreads too), their node ids, and the cards of the loaded models."""
     gpus = job.resources.gpus_per_actor
     if gpus == "auto":
         gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
     actor_class = ray.remote(worker_class).options(
-        num_cpus=job.resources.cpus_per_actor, num_gpus=gpus, max_restarts=3, max_task_retries=3
+        num_cpus=job.resources.cpus_per_actor, num_gpus=gpus, max_restarts=3, max_task_retries=3,
+        scheduling_strategy="SPREAD",
     )
     workers = [actor_class.remote(worker_arg or job, gpus > 0) for _ in range(job.resources.actors)]
     try:
@@ -240,54 +249,64 @@ def start_workers(
 
 def run_unit_tasks(
     task: Any,
-    units: list[Unit],
+    units: Iterable[Unit],
     task_args: tuple,
     workers: list[Any],
     nodes: list[str],
     job: JobConfig,
-    done: dict[str, dict[str, Any]],
     summary: RunSummary,
     on_progress: Callable[[RunProgress], None] | None,
-) -> tuple[list[dict[str, Any]], RunProgress]:
+) -> tuple[StatsSum, RunProgress]:
     """`task(unit, *task_args, worker, tally)` for every unit, at most resources.cpu_workers at
-    once, each placed on the node of its least loaded actor. The stats of committed units go
-    into `done` and `summary`, failed units into summary.units_failed; `on_progress` gets a
-    snapshot about every POLL_SECONDS. Returns the stats this call committed and the last snapshot."""
+    once, each placed on the node of its least loaded actor. Committed units are counted into
+    `summary`, failed ones go to summary.units_failed; `on_progress` gets a snapshot about every
+    POLL_SECONDS. Returns the sums over the stats this call committed and the last snapshot.
+
+    The driver holds only the units in flight and running sums, never every unit's stats."""
     tally = start_tally()
     tracker = ProgressTracker(summary.units_planned, summary.units_skipped)
-    written: list[dict[str, Any]] = []
+    written = StatsSum()
     progress = tracker.snapshot(0, 0)
+    polled = time.monotonic()
     pending: dict[Any, tuple[Unit, int]] = {}
     load = Counter({i: 0 for i in range(len(workers))})
-    queue = deque(units)
-    while queue or pending:
-        while queue and len(pending) < job.resources.cpu_workers:
-            unit = queue.popleft()
+    queue = iter(units)
+    unit = next(queue, None)
+    while unit is not None or pending:
+        while unit is not None and len(pending) < job.resources.cpu_workers:
             index = min(load, key=lambda i: load[i])
             load[index] += 1
             strategy = NodeAffinitySchedulingStrategy(nodes[index], soft=True)
             ref = task.options(scheduling_strategy=strategy).remote(unit, *task_args, workers[index], tally)
             pending[ref] = (unit, index)
+            unit = next(queue, None)
         ready, _ = ray.wait(list(pending), num_returns=1, timeout=POLL_SECONDS)
         for ref in ready:
-            unit, index = pending.pop(ref)
+            done_unit, index = pending.pop(ref)
             load[index] -= 1
             try:
                 stats = ray.get(ref)
             except ray.exceptions.RayError as error:
-                summary.units_failed.append((unit.id, one_line(error)))
+                summary.units_failed.append((done_unit.id, one_line(error)))
                 tracker.unit_failed()
                 continue
-            done[unit.id] = stats
-            written.append(stats)
+            written.add(stats)
             tracker.unit_done(stats)
             summary.units_done += 1
             summary.samples += stats["samples"]
             summary.failures += stats.get("failures", 0)
-        progress = tracker.snapshot(*ray.get(tally.totals.remote()))
-        if on_progress:
-            on_progress(progress)
+        if time.monotonic() - polled >= POLL_SECONDS or not (unit is not None or pending):
+            polled = time.monotonic()
+            progress = tracker.snapshot(*ray.get(tally.totals.remote()))
+            if on_progress:
+                on_progress(progress)
     return written, progress
+
+
+def _committed_ids(out: Location, units: list[Unit]) -> Iterator[str]:
+    """Ids of the committed units, in plan order (listed again: this run may have added some)."""
+    committed = committed_unit_ids(out, units)
+    return (u.id for u in units if u.id in committed)
 
 
 def run_job(
@@ -304,18 +323,22 @@ def run_job(
     """
     started = time.time()
     check_job(job)
-    out, units = plan_output(job, overwrite)
-    done = read_unit_stats(out, units)
-    summary = RunSummary(output=out.url(), units_planned=len(units), units_skipped=len(done))
-    todo = [u for u in units if u.id not in done]
+    out, plan = plan_output(job, overwrite)
+    units = plan.units
+    committed = committed_unit_ids(out, units)
+    summary = RunSummary(output=out.url(), units_planned=len(units), units_skipped=len(committed))
+    todo = [u for u in units if u.id not in committed]
+    del committed
     if todo:
         _check_writable(out)  # storage may have turned read-only since the plan was written
     if not todo and out.exists(MANIFEST_FILE):
         previous = out.read_json(MANIFEST_FILE)
         if previous["status"] != "complete":  # killed after the last unit, before the manifest
             cards = {kind: [entry["card"] for entry in previous[kind]] for kind in ("teachers", "captioners")}
-            manifest = build_manifest(job, layout_for(job, cards), cards, units, done, previous["created_at"])
-            write_manifest(out, {**manifest, "runs": previous.get("runs", [])})
+            head = manifest_head(job, layout_for(job, cards), cards, plan.created_at)
+            del previous
+            write_manifest(out, head, iter_unit_stats(out, _committed_ids(out, units)), len(units),
+                           {"runs": read_runs(out)})
         summary.seconds = time.time() - started
         return summary
     with ray_session(address):
@@ -324,15 +347,16 @@ def run_job(
         cards = {"teachers": described["teachers"], "captioners": described["captioners"]}
         layout = layout_for(job, cards)
         caption_sizes = tuple(sorted({c["input_size"] for c in cards["captioners"]}))
-        previous = out.read_json(MANIFEST_FILE) if out.exists(MANIFEST_FILE) else {}
-        runs = previous.get("runs", [])
-        manifest = {**build_manifest(job, layout, cards, units, done, previous.get("created_at")), "runs": runs}
-        write_manifest(out, manifest)
+        runs = read_runs(out)
+        head = manifest_head(job, layout, cards, plan.created_at)
+        write_manifest(out, head, iter_unit_stats(out, _committed_ids(out, units)), len(units), {"runs": runs})
         unit_task = ray.remote(num_cpus=1, max_retries=2, retry_exceptions=[OSError])(process_unit)
         task_args = (job, layout, caption_sizes)
-        written, progress = run_unit_tasks(unit_task, todo, task_args, workers, nodes, job, done, summary, on_progress)
+        written, progress = run_unit_tasks(unit_task, todo, task_args, workers, nodes, job, summary, on_progress)
+        del todo
         summary.seconds = time.time() - started
-        record = run_record(started, summary.seconds, summary.startup_seconds, progress, written)
-        final = build_manifest(job, layout, cards, units, done, manifest["created_at"])
-        write_manifest(out, {**final, "runs": runs + [record]})
+        runs.append(run_record(started, summary.seconds, summary.startup_seconds, progress, written, nodes))
+        write_runs(out, runs)
+        head = manifest_head(job, layout, cards, plan.created_at)
+        write_manifest(out, head, iter_unit_stats(out, _committed_ids(out, units)), len(units), {"runs": runs})
     return summary

@@ -140,6 +140,25 @@ class DatasetLayout:
     def storage_numpy_dtype(self) -> np.dtype:
         return np.dtype(schemas.load_spec()["embedding_dtypes"][self.embedding_dtype]["numpy"])
 
+    @property
+    def quantized(self) -> bool:
+        """Whether embeddings are stored with a per-row scale column (int8)."""
+        return is_quantized(self.embedding_dtype)
+
+    def scale_columns(self) -> dict[str, str]:
+        """Embedding column -> its scale column, for a quantised dtype (else empty)."""
+        return {name: scale_column(name) for name in self.embedding_shapes()} if self.quantized else {}
+
+    def stored_arrays(self) -> dict[str, tuple[np.dtype, tuple[int, ...]]]:
+        """Column name -> (numpy dtype, shape per sample) of every array column: embeddings
+        [rows, D] in the storage dtype and, when quantised, their scales [rows] float32."""
+        arrays: dict[str, tuple[np.dtype, tuple[int, ...]]] = {
+            name: (self.storage_numpy_dtype, shape) for name, shape in self.embedding_shapes().items()
+        }
+        for name, scale in self.scale_columns().items():
+            arrays[scale] = (np.dtype(np.float32), arrays[name][1][:1])
+        return arrays
+
     def text_sources(self) -> list[dict[str, Any]]:
         """What each row of a text embedding is: the real caption, then (captioner, index)."""
         rows: list[dict[str, Any]] = [{"source": "text"}]
@@ -154,9 +173,9 @@ class DatasetLayout:
         for teacher in self.teachers:
             variables = {**base, "id": teacher.id, "dim": teacher.dim, "num_texts": self.num_texts}
             for template in spec["teacher_fields"]:
-                if (template["role"] == "image" and teacher.has_image) or (
-                    template["role"] == "text" and teacher.has_text
-                ):
+                side = template["role"].removesuffix("_scale")
+                wanted = teacher.has_image if side == "image" else teacher.has_text
+                if wanted and (self.quantized or not template.get("scaled_dtypes_only")):
                     fields.append(arrow_field(template, variables))
         for captioner in self.captioners:
             variables = {**base, "id": captioner.id, "num_captions": captioner.num_captions}
@@ -180,6 +199,8 @@ class DatasetLayout:
             "sample": [None],
             "teacher_image": [t.id for t in self.teachers if t.has_image],
             "teacher_text": [t.id for t in self.teachers if t.has_text],
+            "teacher_image_scale": [t.id for t in self.teachers if t.has_image and self.quantized],
+            "teacher_text_scale": [t.id for t in self.teachers if t.has_text and self.quantized],
             "captioner": [c.id for c in self.captioners],
             "kept_image": [None] if keep_images else [],
         }
@@ -213,16 +234,55 @@ class DatasetLayout:
         )
 
 
-def to_storage(embeddings: torch.Tensor, embedding_dtype: str) -> np.ndarray:
-    """Float embeddings -> the numpy array stored for `embedding_dtype` (bfloat16 as raw uint16 bits)."""
+def is_quantized(embedding_dtype: str) -> bool:
+    return "scale" in schemas.load_spec()["embedding_dtypes"][embedding_dtype]
 
+
+def scale_column(embedding_column: str) -> str:
+    """The column holding the per-row scales of a quantised embedding column."""
+    return f"{embedding_column}_scale"
+
+
+def transfer_dtype(embedding_dtype: str) -> str:
+    """The dtype embeddings leave the model actor in: the storage dtype, or float32 for a
+    quantised one (quantised where the unit is written, `storage_columns`)."""
+    return "float32" if is_quantized(embedding_dtype) else embedding_dtype
+
+
+def to_storage(embeddings: torch.Tensor, embedding_dtype: str) -> np.ndarray:
+    """Float embeddings -> the numpy array stored for a float `embedding_dtype` (bfloat16 as raw uint16 bits)."""
     if embedding_dtype == "bfloat16":
         return embeddings.to(torch.bfloat16).view(torch.int16).cpu().numpy().view(np.uint16)
     return embeddings.to(getattr(torch, embedding_dtype)).cpu().numpy()
 
 
-def from_storage(stored: np.ndarray, embedding_dtype: str) -> np.ndarray:
-    """Stored embeddings -> float32 (bfloat16 bits are widened exactly)."""
+def quantize_int8(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rows [..., D] -> (int8 [..., D], float32 scale [...]): symmetric, each row's largest
+    magnitude at 127, and the scale chosen so stored * scale keeps the row's L2 norm."""
+    values = np.asarray(values, dtype=np.float32)
+    peak = np.abs(values).max(axis=-1, keepdims=True)
+    stored = np.rint(values * (127.0 / np.where(peak > 0, peak, 1.0))).astype(np.int8)
+    stored_norm = np.linalg.norm(stored.astype(np.float32), axis=-1)
+    norm = np.linalg.norm(values, axis=-1)
+    scale = np.where(stored_norm > 0, norm / np.where(stored_norm > 0, stored_norm, 1.0), 0.0)
+    return stored, scale.astype(np.float32)
+
+
+def storage_columns(column: str, embeddings: np.ndarray, embedding_dtype: str) -> dict[str, np.ndarray]:
+    """The stored columns of one embedding column's values (as they left the actor,
+    `transfer_dtype`): the column itself, and its scale column when the dtype is quantised."""
+    if not is_quantized(embedding_dtype):
+        return {column: embeddings}
+    stored, scale = quantize_int8(embeddings)
+    return {column: stored, scale_column(column): scale}
+
+
+def from_storage(stored: np.ndarray, embedding_dtype: str, scale: np.ndarray | None = None) -> np.ndarray:
+    """Stored embeddings -> float32 (bfloat16 bits are widened exactly; int8 times its row scales)."""
     if embedding_dtype == "bfloat16":
         return (np.asarray(stored, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
+    if is_quantized(embedding_dtype):
+        if scale is None:
+            raise DatasetError(f"{embedding_dtype} embeddings need their scale column to be read")
+        return np.asarray(stored, dtype=np.float32) * np.asarray(scale, dtype=np.float32)[..., None]
     return np.asarray(stored, dtype=np.float32)

@@ -21,11 +21,13 @@ import pyarrow as pa
 import schemas
 from dr_pipeline.errors import DatasetError
 from dr_pipeline.plan import DATA_SUFFIX
-from dr_pipeline.schema import SCHEMA_VERSION, DatasetLayout, arrow_field
+from dr_pipeline.schema import SCHEMA_VERSION, DatasetLayout, arrow_field, is_quantized
 
 _SPEC = schemas.load_spec()
 _JOINS = frozenset(_SPEC["sidecars"]["joins"])
-_WEBDATASET_PER_ROLE = {"image": "teacher_image", "text": "teacher_text", "captions": "captioner"}
+_WEBDATASET_PER_ROLE = {"image": "teacher_image", "text": "teacher_text", "captions": "captioner",
+                        "image_scale": "teacher_image_scale", "text_scale": "teacher_text_scale"}
+_COLUMN_ROLES = ("image", "text", "captions")
 
 
 def sidecar_folder(extension: str) -> str:
@@ -47,17 +49,24 @@ class SidecarColumn:
     dim: int | None = None  # embedding dimension; None for captions
 
     def __post_init__(self) -> None:
-        if self.join not in _JOINS or self.role not in _WEBDATASET_PER_ROLE:
+        if self.join not in _JOINS or self.role not in _COLUMN_ROLES:
             raise ValueError(f"unknown sidecar column role {self.role!r} or join {self.join!r}")
 
     @property
     def name(self) -> str:
         return _template(self.role)["name"].format(id=self.id)
 
-    def arrow_field(self, arrow_dtype: str) -> pa.Field:
-        variables = {"id": self.id, "dim": self.dim, "dtype": arrow_dtype, "num_views": self.rows,
-                     "num_texts": self.rows, "num_captions": self.rows}
-        return arrow_field(_template(self.role), variables)
+    def stored_roles(self, embedding_dtype: str) -> tuple[str, ...]:
+        """The schema roles this column is stored as: itself, and its scales when quantised."""
+        return (self.role, f"{self.role}_scale") if self.dim and is_quantized(embedding_dtype) else (self.role,)
+
+    def stored_names(self, embedding_dtype: str) -> list[str]:
+        return [_template(role)["name"].format(id=self.id) for role in self.stored_roles(embedding_dtype)]
+
+    def arrow_fields(self, embedding_dtype: str) -> list[pa.Field]:
+        variables = {"id": self.id, "dim": self.dim, "dtype": _SPEC["embedding_dtypes"][embedding_dtype]["arrow"],
+                     "num_views": self.rows, "num_texts": self.rows, "num_captions": self.rows}
+        return [arrow_field(_template(role), variables) for role in self.stored_roles(embedding_dtype)]
 
 
 @dataclass(frozen=True)
@@ -80,9 +89,8 @@ class SidecarLayout:
         return posixpath.join(sidecar_folder(self.extension), "extension.json")
 
     def arrow_schema(self) -> pa.Schema:
-        arrow_dtype = _SPEC["embedding_dtypes"][self.embedding_dtype]["arrow"]
         fields = [arrow_field(f, {}) for f in _SPEC["sidecars"]["fields"]]
-        fields += [column.arrow_field(arrow_dtype) for column in self.columns]
+        fields += [field for column in self.columns for field in column.arrow_fields(self.embedding_dtype)]
         metadata = {"dr_gen.schema_version": SCHEMA_VERSION, "dr_gen.sidecar": self.extension}
         return pa.schema(fields, metadata=metadata)
 
@@ -91,21 +99,27 @@ class SidecarLayout:
         members = {member["per"]: member for member in _SPEC["webdataset"]["members"]}
         result = []
         for column in self.columns:
-            member = members[_WEBDATASET_PER_ROLE[column.role]]
-            result.append({
-                "suffix": member["suffix"].format(id=column.id),
-                "fields": [field.format(id=column.id) for field in member["fields"]],
-                "encoding": member["encoding"],
-            })
+            for role in column.stored_roles(self.embedding_dtype):
+                member = members[_WEBDATASET_PER_ROLE[role]]
+                result.append({
+                    "suffix": member["suffix"].format(id=column.id),
+                    "fields": [field.format(id=column.id) for field in member["fields"]],
+                    "encoding": member["encoding"],
+                })
         return result
+
+    def added_names(self) -> set[str]:
+        """Names of the columns (scales included) this sidecar adds rather than appends to."""
+        return {name for column in self.columns if column.join == "add" for name in column.stored_names(self.embedding_dtype)}
 
     def join(self, row: dict[str, Any], sidecar_row: dict[str, Any], where: str) -> None:
         """Add this sidecar's values for one row to it (embeddings still as stored)."""
         if sidecar_row["key"] != row["key"]:
             raise DatasetError(f"{where}: sidecar row {sidecar_row['key']!r} does not align with row {row['key']!r}")
         for column in self.columns:
-            value = sidecar_row[column.name]
-            row[column.name] = np.concatenate([row[column.name], value]) if column.join == "append_rows" else value
+            for name in column.stored_names(self.embedding_dtype):
+                value = sidecar_row[name]
+                row[name] = np.concatenate([row[name], value]) if column.join == "append_rows" else value
 
     def to_dict(self) -> dict[str, Any]:
         return {"extension": self.extension, "embedding_dtype": self.embedding_dtype,

@@ -40,13 +40,14 @@ import pyarrow.parquet as pq
 from dr_pipeline.errors import DatasetError
 from dr_pipeline.manifest import read_manifest, read_unit_stats, totals
 from dr_pipeline.plan import read_plan
-from dr_pipeline.reader import embedding_matrix, file_rows
-from dr_pipeline.schema import FAILURE_REASONS, KEY_PATTERN, DatasetLayout, from_storage
+from dr_pipeline.reader import file_rows, fixed_size_matrix
+from dr_pipeline.schema import FAILURE_REASONS, KEY_PATTERN, DatasetLayout, from_storage, is_quantized, scale_column
 from dr_pipeline.sidecars import SidecarLayout, base_layout, sidecar_folder
 from dr_pipeline.storage import Location, redact_url
 
-NORM_TOLERANCE = {"float32": 1e-3, "float16": 4e-3, "bfloat16": 2e-2}
-"""How far from 1 a stored L2 norm may be: the rounding of the storage dtype, with margin."""
+NORM_TOLERANCE = {"float32": 1e-3, "float16": 4e-3, "bfloat16": 2e-2, "int8": 1e-3}
+"""How far from 1 a stored L2 norm may be: the rounding of the storage dtype, with margin (int8's
+scale keeps each row's norm, so only float32 rounding remains)."""
 
 KEYS_SHOWN = 3
 _BATCH_ROWS = 1024
@@ -71,7 +72,7 @@ class _Rows:
     views_per_row: np.ndarray
     crops: np.ndarray  # [sum(views_per_row), 4]: top, left, height, width
     captions: dict[str, list[Any]]
-    embeddings: dict[str, np.ndarray]  # storage dtype, [n, rows, D]
+    arrays: dict[str, np.ndarray]  # embeddings [n, rows, D] in the storage dtype, and their scales [n, rows]
     images: list[bytes | None]
     image_sha256: list[str]
     unchecked_keys: list[str] = field(default_factory=list)  # rows too malformed for the value checks
@@ -170,7 +171,7 @@ class DatasetValidator:
         if plan is None:
             problems.append("plan.json: missing")
             return problems
-        config_hash, planned = plan
+        config_hash, planned, _ = plan
         extensions = manifest.get("extensions", [])
         planned_hash = extensions[0]["extends"] if extensions else manifest["config_hash"]
         if config_hash != planned_hash:  # the plan is the base run's; extensions keep it
@@ -315,8 +316,10 @@ class DatasetValidator:
                 if captions is None or len(captions) != captioner.num_captions:
                     problems.add(f"{captioner.column} does not hold {captioner.num_captions} captions", key)
         tolerance = NORM_TOLERANCE[layout.embedding_dtype]
-        for column, stored in rows.embeddings.items():
-            values = from_storage(stored, layout.embedding_dtype)
+        scales = layout.scale_columns()
+        for column in layout.embedding_shapes():
+            scale = rows.arrays[scales[column]] if column in scales else None
+            values = from_storage(rows.arrays[column], layout.embedding_dtype, scale)
             finite = np.isfinite(values).all(axis=(1, 2))
             for index in np.flatnonzero(~finite):
                 problems.add(f"{column} has NaN or inf", rows.keys[index])
@@ -342,7 +345,7 @@ class DatasetValidator:
                 return [f"{where}: not a Parquet file ({_one_line(error)})"]
             if not schema.equals(sidecar.arrow_schema()):
                 return [f"{where}: its Arrow schema differs from extension {sidecar.extension}'s layout"]
-        names = set(self.full_layout.embedding_shapes())
+        names = set(self.full_layout.stored_arrays())
         row_problems, sidecar_keys = _RowProblems(), []
         tolerance = NORM_TOLERANCE[sidecar.embedding_dtype]
         try:
@@ -359,7 +362,8 @@ class DatasetValidator:
                         row_problems.add(f"{column.name} is {list(np.shape(value))}, "
                                          f"the extension says {[column.rows, column.dim]}", key)
                         continue
-                    values = from_storage(value, sidecar.embedding_dtype)
+                    scale = row.get(scale_column(column.name)) if is_quantized(sidecar.embedding_dtype) else None
+                    values = from_storage(value, sidecar.embedding_dtype, scale)
                     if not np.isfinite(values).all():
                         row_problems.add(f"{column.name} has NaN or inf", key)
                     elif self.normalized[column.name] and np.abs(np.linalg.norm(values, axis=1) - 1).max() > tolerance:
@@ -435,7 +439,6 @@ def _parquet_rows(handle: BinaryIO, layout: DatasetLayout) -> Iterator[_Rows]:
     differences += [f"column {name}: not in the schema" for name in actual.names if name not in expected.names]
     if differences:
         raise _UnusableFile(differences)
-    shapes = layout.embedding_shapes()
     try:
         for batch in parquet.iter_batches(batch_size=_BATCH_ROWS):
             aug = batch.column("aug")
@@ -446,7 +449,7 @@ def _parquet_rows(handle: BinaryIO, layout: DatasetLayout) -> Iterator[_Rows]:
                 views_per_row=pc.list_value_length(aug).to_numpy(zero_copy_only=False),
                 crops=aug.flatten().field("crop").flatten().to_numpy(zero_copy_only=False).reshape(-1, 4),
                 captions={c.column: batch.column(c.column).to_pylist() for c in layout.captioners},
-                embeddings={name: embedding_matrix(batch.column(name)) for name in shapes},
+                arrays={name: fixed_size_matrix(batch.column(name)) for name in layout.stored_arrays()},
                 images=batch.column("image").to_pylist(),
                 image_sha256=batch.column("image_sha256").to_pylist(),
             )
@@ -490,7 +493,7 @@ def _tar_sample(
 ) -> dict[str, Any]:
     """One sample's values; {"key", "bad": True} when a member is missing, extra or malformed."""
     row: dict[str, Any] = {"key": key, "bad": False, "image": None}
-    shapes = layout.embedding_shapes()
+    arrays = layout.stored_arrays()
     expected = set()
     for member in members:
         suffix = member["suffix"]
@@ -506,7 +509,7 @@ def _tar_sample(
             if member["encoding"] == "npy":
                 array = np.load(io.BytesIO(data), allow_pickle=False)
                 name = member["fields"][0]
-                want = (layout.storage_numpy_dtype, shapes[name])
+                want = arrays[name]
                 if (array.dtype, array.shape) != want:
                     problems.add(f"member .{suffix} is {array.dtype} {list(array.shape)}, "
                                  f"the schema says {want[0]} {list(want[1])}", key)
@@ -543,9 +546,9 @@ def _rows_from_samples(samples: list[dict[str, Any]], layout: DatasetLayout) -> 
         views_per_row=np.array([len(s["aug"]) for s in good], dtype=np.int64),
         crops=np.array(crops, dtype=np.int64).reshape(-1, 4),
         captions={c.column: [s[c.column] for s in good] for c in layout.captioners},
-        embeddings={
-            name: np.stack([s[name] for s in good]) if good else np.empty((0, *shape), layout.storage_numpy_dtype)
-            for name, shape in layout.embedding_shapes().items()
+        arrays={
+            name: np.stack([s[name] for s in good]) if good else np.empty((0, *shape), dtype)
+            for name, (dtype, shape) in layout.stored_arrays().items()
         },
         images=[s["image"] for s in good],
         image_sha256=[s["image_sha256"] for s in good],

@@ -20,14 +20,14 @@ import webdataset as wds
 from dr_pipeline.config import OutputConfig
 from dr_pipeline.model_worker import BatchResult
 from dr_pipeline.prepare import PreparedSample
-from dr_pipeline.schema import DatasetLayout
+from dr_pipeline.schema import DatasetLayout, storage_columns
 from dr_pipeline.storage import FileInfo, Location
 
 ROW_GROUP_ROWS = 1024
 
 
 def unit_columns(samples: list[PreparedSample], result: BatchResult, layout: DatasetLayout) -> dict[str, Any]:
-    """Column name -> values (lists, or [N, rows, D] arrays for embeddings) of one batch."""
+    """Column name -> values (lists, or arrays for embeddings and their scales) of one batch."""
     columns: dict[str, Any] = {
         "key": [s.key for s in samples],
         "source_key": [s.source_key for s in samples],
@@ -42,18 +42,20 @@ def unit_columns(samples: list[PreparedSample], result: BatchResult, layout: Dat
     }
     for teacher in layout.teachers:
         if teacher.image_column:
-            columns[teacher.image_column] = result.image_emb[teacher.id]
+            columns.update(storage_columns(teacher.image_column, result.image_emb[teacher.id], layout.embedding_dtype))
         if teacher.text_column:
-            columns[teacher.text_column] = result.text_emb[teacher.id]
+            columns.update(storage_columns(teacher.text_column, result.text_emb[teacher.id], layout.embedding_dtype))
     for captioner in layout.captioners:
         columns[captioner.column] = result.captions[captioner.id]
     return columns
 
 
-def _embedding_array(values: np.ndarray, arrow_type: pa.DataType) -> pa.Array:
-    n, rows, dim = values.shape
-    inner = pa.FixedSizeListArray.from_arrays(pa.array(np.ascontiguousarray(values).reshape(-1)), dim)
-    return pa.FixedSizeListArray.from_arrays(inner, rows).cast(arrow_type)
+def _fixed_size_array(values: np.ndarray, arrow_type: pa.DataType) -> pa.Array:
+    """[N, rows, D] embeddings or [N, rows] scales as nested fixed-size lists, one per sample."""
+    array = pa.array(np.ascontiguousarray(values).reshape(-1))
+    for size in reversed(values.shape[1:]):
+        array = pa.FixedSizeListArray.from_arrays(array, size)
+    return array.cast(arrow_type)
 
 
 def record_batch(columns: dict[str, Any], schema: pa.Schema) -> pa.RecordBatch:
@@ -61,7 +63,7 @@ def record_batch(columns: dict[str, Any], schema: pa.Schema) -> pa.RecordBatch:
     for schema_field in schema:
         values = columns[schema_field.name]
         if isinstance(values, np.ndarray):
-            arrays.append(_embedding_array(values, schema_field.type))
+            arrays.append(_fixed_size_array(values, schema_field.type))
         else:
             arrays.append(pa.array(values, type=schema_field.type))
     return pa.RecordBatch.from_arrays(arrays, schema=schema)

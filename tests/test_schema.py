@@ -35,7 +35,7 @@ def test_arrow_schema_instantiates_templates():
     aug = schema.field("aug").type.value_type
     assert [aug.field(i).name for i in range(aug.num_fields)] == ["crop", "flip", "rand_augment", "erase"]
     assert not schema.field("key").nullable and schema.field("url").nullable
-    assert schema.metadata[b"dr_gen.schema_version"] == b"1.0"
+    assert schema.metadata[b"dr_gen.schema_version"] == b"1.1"
 
 
 def test_bfloat16_is_stored_as_raw_bits():
