@@ -69,11 +69,11 @@ def test_layout_adds_scale_columns_and_members_only_for_int8():
 
 @pytest.fixture(scope="module")
 def int8_runs(sample_shards, small_job_dict, reinforced, tmp_path_factory):
-    """The small job with int8 embeddings as Parquet over all shards; and, over the first shard as
+    """Over the first sample shard: the small job with int8 embeddings as Parquet; and as
     webdataset with images kept, its first teacher alone, then extended with the second teacher
     (columns added) and a second captioner (rows appended to the first teacher's text embeddings)."""
     root = tmp_path_factory.mktemp("int8")
-    arrow = small_job_dict(sample_shards, root / "arrow", output={"embedding_dtype": "int8"})
+    arrow = small_job_dict(sample_shards[:1], root / "arrow", output={"embedding_dtype": "int8"})
     combined = small_job_dict(sample_shards[:1], root / "wds", output={  # no flips or erasing: DataCompDR can export it
         "embedding_dtype": "int8", "format": "webdataset", "keep_images": True},
         augmentation={"num_views": 3, "horizontal_flip": {"p": 0.0}, "random_erasing": {"p": 0.0}})
@@ -112,7 +112,7 @@ def test_stored_as_int8_with_scales_and_read_as_float32_close_to_float16(int8_ru
             assert row[name].dtype == np.float32
             np.testing.assert_allclose(np.linalg.norm(row[name], axis=-1), 1.0, atol=1e-3)
             cosines.append(_cosines(row[name], expected[row["key"]][name]))
-    assert len(cosines) == 18 * 4 and np.concatenate(cosines).min() > 0.999
+    assert len(cosines) == len(dataset) * 4 > 0 and np.concatenate(cosines).min() > 0.999
 
 
 def test_webdataset_members_hold_int8_values_and_their_scales(int8_runs):
