@@ -175,6 +175,7 @@ class ResourcesConfig(StrictModel):
     actors: int = Field(1, ge=1, le=100_000)
     gpus_per_actor: float | Literal["auto"] = "auto"
     cpus_per_actor: float = Field(1.0, ge=0.0)
+    model_threads: int | None = Field(None, ge=1, le=1024)  # torch CPU threads of a model actor; None: cpus_per_actor
     cpu_workers: int = Field(2, ge=1, le=1_000_000)
     batch_size: int = Field(16, ge=1, le=100_000)
     batches_in_flight: int = Field(2, ge=1, le=64)

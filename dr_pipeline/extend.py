@@ -44,6 +44,7 @@ from dr_pipeline.reader import ReinforcedDataset
 from dr_pipeline.replay import unit_rows_with_images
 from dr_pipeline.runner import (
     RunSummary,
+    caption_input_sizes,
     check_job,
     layout_for,
     model_results,
@@ -347,7 +348,7 @@ def extend_dataset(
             }
             sidecar = sidecar_layout(extension, cards)
             out.write_json_atomic({"cards": cards, "layout": sidecar.to_dict()}, sidecar.extension_file)
-            caption_sizes = tuple(sorted({card["input_size"] for card in cards["captioners"]}))
+            caption_sizes = caption_input_sizes(cards)
             task = ray.remote(num_cpus=1, max_retries=2, retry_exceptions=[OSError])(extend_unit)
             task_args = (extension, sidecar, caption_sizes)
             written, progress = run_unit_tasks(

@@ -13,7 +13,7 @@ import numpy as np
 import ray
 import torch
 
-from dr_pipeline.config import JobConfig, TeacherConfig
+from dr_pipeline.config import JobConfig, ResourcesConfig, TeacherConfig
 from dr_pipeline.prepare import ViewBatch
 from dr_pipeline.schema import to_storage
 from dr_pipeline.seeding import derive_seed
@@ -34,6 +34,11 @@ def caption_seeds(run_seed: int, captioner_id: str, keys: list[str], num_caption
     return [[derive_seed(run_seed, key, f"caption/{captioner_id}", j) for j in range(num_captions)] for key in keys]
 
 
+def model_threads(resources: ResourcesConfig) -> int:
+    """Torch CPU threads of a model actor: as configured, else its CPU reservation (what Ray gives it)."""
+    return resources.model_threads or max(1, int(resources.cpus_per_actor))
+
+
 def _chunks(total: int, size: int) -> list[slice]:
     return [slice(start, min(start + size, total)) for start in range(0, total, size)]
 
@@ -43,6 +48,7 @@ class ModelWorker:
 
     def __init__(self, job: JobConfig, use_gpu: bool):
         self.job = job
+        torch.set_num_threads(model_threads(job.resources))
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         self.teachers = [build_teacher(t, self.device, t.precision) for t in job.teachers]
         self.captioners = [build_captioner(c, self.device, c.precision) for c in job.captioners]
