@@ -40,8 +40,8 @@ from dr_pipeline.estimate import GPU_PEAK_TFLOPS, gpu_name_of_device, teacher_wo
 from dr_pipeline.manifest import read_manifest
 from dr_pipeline.model_worker import ModelWorker, model_threads
 from dr_pipeline.plan import make_plan
-from dr_pipeline.prepare import prepare_unit
-from dr_pipeline.runner import caption_input_sizes, layout_for, run_job
+from dr_pipeline.prepare import caption_input_sizes, prepare_unit
+from dr_pipeline.runner import layout_for, run_job
 from dr_pipeline.sample_data import write_sample_data
 from dr_pipeline.storage import Location
 from dr_pipeline.timing import StageClock

@@ -26,7 +26,7 @@ from dr_pipeline.inputs import list_shards
 from dr_pipeline.manifest import MANIFEST_FILE, build_manifest, read_unit_stats, write_manifest
 from dr_pipeline.model_worker import BatchResult, ModelWorker
 from dr_pipeline.plan import Unit, check_plan_matches, make_plan, read_plan, write_plan
-from dr_pipeline.prepare import ViewBatch, failure_record, prepare_unit
+from dr_pipeline.prepare import ViewBatch, caption_input_sizes, failure_record, prepare_unit
 from dr_pipeline.progress import POLL_SECONDS, ProgressTracker, RunProgress, UnitReporter, run_record, start_tally
 from dr_pipeline.schema import CaptionerColumns, DatasetLayout, TeacherColumns
 from dr_pipeline.storage import Location, redact_url
@@ -242,11 +242,6 @@ def single_node_id() -> str | None:
 def manifest_cards(manifest: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
     """The teacher and captioner cards a manifest records, as `describe()` gives them."""
     return {kind: [entry["card"] for entry in manifest[kind]] for kind in ("teachers", "captioners")}
-
-
-def caption_input_sizes(cards: dict[str, Any]) -> tuple[int, ...]:
-    """The input sizes the CPU stage renders centre views at, one per distinct captioner size."""
-    return tuple(sorted({c["input_size"] for c in cards["captioners"]}))
 
 
 def run_unit_tasks(
