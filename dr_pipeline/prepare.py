@@ -48,8 +48,9 @@ class ViewBatch:
     texts: list[str]
     views: np.ndarray | None  # uint8 [N, K, 3, S, S]; None when the actor renders the views
     caption_views: dict[int, np.ndarray]  # captioner input size -> uint8 [N, 3, s, s]
-    originals: list[np.ndarray] | None = None  # decoded images uint8 [C, H, W], to render on the actor's device
-    view_params: list[list[ViewParams]] | None = None
+    # decoded images uint8 [C, H, W] and their view parameters, when the actor renders the views
+    originals: list[np.ndarray] | None = field(default=None, kw_only=True)
+    view_params: list[list[ViewParams]] | None = field(default=None, kw_only=True)
 
     def __len__(self) -> int:
         return len(self.keys)
