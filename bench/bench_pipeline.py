@@ -8,9 +8,10 @@ One run prints:
   `dr-gen run` does once Ray is up: planning, starting the model actors (process, imports,
   model load), every unit (read, decode, augment, captioning, teacher forward, write, commit)
   and the manifest. Ray's own start is printed apart (a cluster is up before a job).
-- every stage measured alone, in this process after the pipeline, on the same data with all
-  cores: load_models, read, decode, augment, captioning, teacher_forward, write (the unit
-  files, committed); their sum and wall / sum, PASS when at most --target (1.25);
+- every stage measured alone, in this process after the pipeline, on the same data and with
+  the torch threads the pipeline gives it (1 for the CPU stage, resources.model_threads for
+  the models): load_models, read, decode, augment, to_device, captioning, teacher_forward,
+  write (the unit files, committed); their sum and wall / sum, PASS when at most --target (1.25);
 - the stage seconds the pipeline's units recorded (summed over units: stages overlap);
 - bare teacher forward samples/s on the same views and the ratio end-to-end / bare;
 - teacher-forward FLOPs per sample from the architectures (teachers/flops.py) and the model
@@ -35,7 +36,7 @@ from pathlib import Path
 import ray
 import torch
 
-from dr_pipeline.config import JobConfig, load_job
+from dr_pipeline.config import JobConfig, load_job, parse_job
 from dr_pipeline.estimate import GPU_PEAK_TFLOPS, gpu_name_of_device, teacher_work
 from dr_pipeline.manifest import read_manifest
 from dr_pipeline.model_worker import ModelWorker, model_threads
@@ -48,7 +49,6 @@ from dr_pipeline.timing import StageClock
 from dr_pipeline.writers import open_unit_writer, unit_columns
 
 ROOT = Path(__file__).resolve().parent.parent
-STAGES = ("load_models", "read", "decode", "augment", "captioning", "teacher_forward", "write")
 
 
 class PeakMemory:
@@ -195,6 +195,7 @@ def main() -> None:
     parser.add_argument("--shards", type=int, default=3)
     parser.add_argument("--copies", type=int, default=1, help="repeat the 20 bundled samples this many times")
     parser.add_argument("--repeats", type=int, default=1, help="pipeline runs; the fastest is reported")
+    parser.add_argument("--render-views-on", choices=["cpu", "accelerator"], help="override the job's resources")
     parser.add_argument("--target", type=float, default=1.25, help="largest passing wall / sum of stages")
     parser.add_argument("--gpu", choices=sorted(GPU_PEAK_TFLOPS), help="peak FLOP/s from this GPU's table entry")
     parser.add_argument("--peak-tflops", type=float, help="the device's peak TFLOP/s (overrides --gpu)")
@@ -203,10 +204,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         shards = write_sample_data(f"{scratch}/input", num_shards=args.shards, copies=args.copies)
         job = load_job(args.job, input_urls=shards, output_url=f"{scratch}/out")
+        if args.render_views_on:
+            data = job.model_dump()
+            data["resources"]["render_views_on"] = args.render_views_on
+            job = parse_job(data)
         run, memory, ray_seconds = run_pipeline(job, args.repeats)
         alone, samples, gpu_peak = stages_alone(job, scratch)
 
-    total_alone = sum(alone[s] for s in STAGES)
+    total_alone = sum(alone.values())
     ratio = run["wall"] / total_alone
     end_to_end = run["samples"] / run["wall"]
     bare = samples / alone["teacher_forward"]
@@ -219,7 +224,8 @@ def main() -> None:
           f"{run['startup']:.2f} s")
     print(f"end-to-end: {end_to_end:.2f} samples/s over the whole run, "
           f"{run['samples'] / (run['wall'] - run['startup']):.2f} samples/s after start-up")
-    print("stages alone (s): " + ", ".join(f"{s} {alone[s]:.2f}" for s in STAGES) + f"; sum {total_alone:.2f}")
+    print("stages alone (s): " + ", ".join(f"{name} {value:.2f}" for name, value in sorted(alone.items()))
+          + f"; sum {total_alone:.2f}")
     print(f"wall / sum of stages alone: {ratio:.3f} -> {'PASS' if ratio <= args.target else 'FAIL'} "
           f"(target <= {args.target})")
     print("stages in the run, summed over units (s): "
