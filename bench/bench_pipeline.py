@@ -59,7 +59,7 @@ class PeakMemory:
     """Peak resident memory (VmHWM) of this process and of every process under it, by role,
     polled from /proc while a local Ray runs (its workers are this process's descendants)."""
 
-    def __init__(self, interval: float = 0.2):
+    def __init__(self, interval: float = 1.0):
         self.interval = interval
         self.peaks: dict[int, int] = {}
         self.roles: dict[int, str] = {}
@@ -210,7 +210,7 @@ def main() -> None:
     parser.add_argument("--shards", type=int, default=3)
     parser.add_argument("--copies", type=int, default=1, help="repeat the 20 bundled samples this many times")
     parser.add_argument("--repeats", type=int, default=1,
-                        help="pipeline runs and stage-alone passes; the fastest run and each stage's fastest pass count")
+                        help="pipeline runs and stage-alone passes; the fastest run and each stage's best count")
     parser.add_argument("--render-views-on", choices=["cpu", "accelerator"], help="override the job's resources")
     parser.add_argument("--target", type=float, default=1.25, help="largest passing wall / sum of stages")
     parser.add_argument("--gpu", choices=sorted(GPU_PEAK_TFLOPS), help="peak FLOP/s from this GPU's table entry")
@@ -243,12 +243,13 @@ def main() -> None:
           f"{run['startup']:.2f} s")
     print(f"end-to-end: {end_to_end:.2f} samples/s over the whole run, "
           f"{run['samples'] / (run['wall'] - run['startup']):.2f} samples/s after start-up")
-    print(f"stages alone (s, best of {args.repeats}): " + ", ".join(f"{name} {value:.2f}" for name, value in sorted(alone.items()))
-          + f"; sum {total_alone:.2f}")
+    print(f"stages alone (s, best of {args.repeats}): "
+          + ", ".join(f"{name} {value:.2f}" for name, value in sorted(alone.items())) + f"; sum {total_alone:.2f}")
     print(f"wall / sum of stages alone: {ratio:.3f} -> {'PASS' if ratio <= args.target else 'FAIL'} "
           f"(target <= {args.target})")
     steady = (run["wall"] - run["startup"]) / (total_alone - alone["load_models"])
-    print(f"where the rest goes: start-up {run['startup']:.2f} s against load_models alone {alone['load_models']:.2f} s "
+    print(f"where the rest goes: start-up {run['startup']:.2f} s against load_models alone "
+          f"{alone['load_models']:.2f} s "
           f"(a fresh Python process importing the model actor's modules takes {process_start:.2f} s; the actor "
           f"and each CPU worker process pay it once); after start-up, wall / sum of the other stages {steady:.3f}")
     print("stages in the run, summed over units (s): "

@@ -206,7 +206,8 @@ class ResourcesConfig(StrictModel):
         from dr_pipeline.accelerator import compile_backends  # noqa: PLC0415 - imports torch
 
         if value is not None and value not in compile_backends():
-            raise ValueError(f"compile must be a torch.compile backend ({', '.join(compile_backends())}), got {value!r}")
+            known = ", ".join(compile_backends())
+            raise ValueError(f"compile must be a torch.compile backend ({known}), got {value!r}")
         return value
 
 

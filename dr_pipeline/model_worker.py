@@ -100,10 +100,11 @@ class ModelWorker:
             with clock.stage("to_device"):
                 caption_views = {size: views_to_device(v, self.device, pin) for size, v in batch.caption_views.items()}
                 return views_to_device(batch.views, self.device, pin), caption_views
+        augmentation = self.job.augmentation
         with clock.stage("augment"):
             caption_sizes = caption_input_sizes({"captioners": [c.card.to_dict() for c in self.captioners]})
             rendered = [
-                render_model_inputs(views_to_device(image, self.device, pin), params, caption_sizes, self.job.augmentation)
+                render_model_inputs(views_to_device(image, self.device, pin), params, caption_sizes, augmentation)
                 for image, params in zip(batch.originals, batch.view_params or [])
             ]
             caption_views = {size: torch.stack([r[1][size] for r in rendered]) for size in caption_sizes}
@@ -126,7 +127,8 @@ class ModelWorker:
         """Stored embeddings by teacher id of each teacher's (views, texts), given in teacher order."""
         image_emb: dict[str, np.ndarray] = {}
         text_emb: dict[str, np.ndarray] = {}
-        for config, batch_size, teacher, (views, texts) in zip(self.job.teachers, self.batch_sizes, self.teachers, inputs):
+        teachers = zip(self.job.teachers, self.batch_sizes, self.teachers)
+        for (config, batch_size, teacher), (views, texts) in zip(teachers, inputs):
             image, text = self.embed_with(batch_size, teacher, views, texts)
             if image is not None:
                 image_emb[config.id] = image

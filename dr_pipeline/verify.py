@@ -92,7 +92,9 @@ def verify_dataset(
         rebuilt_card = teacher.card.to_dict()
         check.card_differences = sorted(k for k, v in entry["card"].items() if rebuilt_card.get(k) != v)
         worst = (2.0, None)
-        batch_size = teacher_batch_size(config.batch_size, teacher.encode_image, renderer.view_size, torch.device(device))
+        batch_size = teacher_batch_size(
+            config.batch_size, teacher.encode_image, renderer.view_size, torch.device(device)
+        )
         if columns.image_column:
             stored = np.concatenate([s.row[columns.image_column] for s in samples])
             cosines = _cosines(_in_batches(teacher.encode_image, views, batch_size), stored)
