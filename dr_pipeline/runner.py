@@ -260,7 +260,7 @@ def run_unit_tasks(
     once, each placed on the node of its least loaded actor. The stats of committed units go
     into `done` and `summary`, failed units into summary.units_failed; `on_progress` gets a
     snapshot about every POLL_SECONDS, `on_submitted` is called once the first tasks are
-    submitted. Returns the stats this call committed and the last snapshot."""
+    submitted (at the end when there are none). Returns the stats this call committed and the last snapshot."""
     tally = start_tally()
     tracker = ProgressTracker(summary.units_planned, summary.units_skipped)
     written: list[dict[str, Any]] = []
@@ -298,6 +298,8 @@ def run_unit_tasks(
         progress = tracker.snapshot(*ray.get(tally.totals.remote()))
         if on_progress:
             on_progress(progress)
+    if on_submitted:  # there was no unit to run
+        on_submitted()
     return written, progress
 
 
