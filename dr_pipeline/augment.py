@@ -304,9 +304,9 @@ def render_view(image: torch.Tensor, params: ViewParams, size: int, cfg: Augment
 def render_views(
     image: torch.Tensor, params: Sequence[ViewParams], size: int, cfg: AugmentationConfig
 ) -> torch.Tensor:
-    """Every view of one decoded image, uint8 [len(params), 3, size, size]."""
+    """Every view of one decoded image, uint8 [len(params), 3, size, size] on the image's device."""
     image = _check_image(image)
-    views = torch.empty((len(params), 3, size, size), dtype=torch.uint8)
+    views = torch.empty((len(params), 3, size, size), dtype=torch.uint8, device=image.device)
     for index, view_params in enumerate(params):
         views[index] = _render(image, view_params, size, cfg)
     return views

@@ -137,7 +137,14 @@ class ModelConfig(StrictModel):
 
 
 class TeacherConfig(ModelConfig):
-    batch_size: int = Field(256, ge=1, le=65536)
+    batch_size: int | Literal["auto"] = "auto"  # views per forward; "auto": from free GPU memory (256 on a CPU)
+
+    @field_validator("batch_size")
+    @classmethod
+    def _batch_size(cls, value: int | str) -> int | str:
+        if value != "auto" and not 1 <= value <= 65536:
+            raise ValueError(f"batch_size must be 'auto' or between 1 and 65536, got {value}")
+        return value
 
 
 class CaptionerConfig(ModelConfig):
@@ -210,16 +217,32 @@ class ResourcesConfig(StrictModel):
     actors: int = Field(1, ge=1, le=100_000)
     gpus_per_actor: float | Literal["auto"] = "auto"
     cpus_per_actor: float = Field(1.0, ge=0.0)
+    model_threads: int | None = Field(None, ge=1, le=1024)  # torch CPU threads of a model actor; None: cpus_per_actor
     cpu_workers: int = Field(2, ge=1, le=1_000_000)
     batch_size: int = Field(16, ge=1, le=100_000)
     batches_in_flight: int = Field(2, ge=1, le=64)
     max_batch_retries: int = Field(2, ge=0, le=100)
+    # The GPU path (dr_pipeline/accelerator.py); speed only, none of these is part of output_hash.
+    channels_last: bool = True  # teacher weights and views channels-last on CUDA
+    compile: str | None = None  # a torch.compile backend for teacher forwards, e.g. "inductor"; None: eager
+    pin_memory: bool = True  # views staged in pinned memory, copied to the GPU without blocking
+    render_views_on: Literal["cpu", "accelerator"] = "cpu"  # where views are rendered (augment.py)
 
     @field_validator("gpus_per_actor")
     @classmethod
     def _gpus(cls, value: float | str) -> float | str:
         if value != "auto" and value < 0:
             raise ValueError("gpus_per_actor must be 'auto' or >= 0")
+        return value
+
+    @field_validator("compile")
+    @classmethod
+    def _compile_backend(cls, value: str | None) -> str | None:
+        from dr_pipeline.accelerator import compile_backends  # noqa: PLC0415 - imports torch
+
+        if value is not None and value not in compile_backends():
+            known = ", ".join(compile_backends())
+            raise ValueError(f"compile must be a torch.compile backend ({known}), got {value!r}")
         return value
 
 

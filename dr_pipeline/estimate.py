@@ -236,11 +236,19 @@ def _try(read: Any, url: str, config: InputConfig) -> Any:
 # ---------------------------------------------------------------------- work, FLOPs, bytes
 
 
+def gpu_name_of_device(device_name: str) -> str | None:
+    """The GPU_PEAK_TFLOPS entry of a device name as torch.cuda.get_device_name() gives it
+    ("NVIDIA H100 80GB HBM3" -> "h100", "NVIDIA H100 PCIe" -> "h100-pcie"); None when unknown."""
+    words = set(re.split(r"[^a-z0-9]+", device_name.lower()))
+    matches = [name for name in GPU_PEAK_TFLOPS if set(name.split("-")) <= words]
+    return max(matches, key=lambda name: len(name.split("-")), default=None)
+
+
 def _gflops(value: float | None) -> float | None:
     return None if value is None else round(value / 1e9, 4)
 
 
-def _teacher_work(teacher: Any, samples: int, views: int, texts_per_sample: int) -> ModelWork:
+def teacher_work(teacher: Any, samples: int, views: int, texts_per_sample: int) -> ModelWork:
     cost = model_cost(teacher.spec, "teacher")
     items = {"image_forwards": views, "text_forwards": samples * texts_per_sample}
     image, text = (cost.image_flops, cost.text_flops) if cost else (None, None)
@@ -329,7 +337,7 @@ def plan_job(
     samples = survey.samples
     views = samples * job.augmentation.num_views
     texts = 1 + job.num_captions
-    models = [_teacher_work(t, samples, views, texts) for t in job.teachers]
+    models = [teacher_work(t, samples, views, texts) for t in job.teachers]
     models += [_captioner_work(c, samples) for c in job.captioners]
     notes += [f"{m.id}: FLOPs unknown ({m.architecture}); left out of the totals" for m in models if m.flops is None]
     known = [m for m in models if m.flops is not None]

@@ -28,7 +28,6 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
-import numpy as np
 import ray
 import torch
 
@@ -46,7 +45,7 @@ from dr_pipeline.manifest import (
 )
 from dr_pipeline.model_worker import BatchResult, ModelWorker
 from dr_pipeline.plan import Unit, read_plan
-from dr_pipeline.prepare import PreparedBatch, ViewBatch
+from dr_pipeline.prepare import PreparedBatch, ViewBatch, caption_input_sizes
 from dr_pipeline.progress import RunProgress, UnitReporter, run_record
 from dr_pipeline.reader import ReinforcedDataset
 from dr_pipeline.replay import unit_rows_with_images
@@ -198,11 +197,11 @@ class ExtensionWorker(ModelWorker):
     def process(self, batch: ExtensionBatch) -> BatchResult:
         clock = StageClock()
         with torch.inference_mode():
+            views, caption_views = self.model_inputs(batch, clock)
             with clock.stage("captioning"):
-                captions = self._caption(batch)
+                captions = self._caption(batch.keys, caption_views)
             added = [[text for c in self.job.captioners for text in captions[c.id][i]] for i in range(len(batch))]
             every_text = [[text, *known, *new] for text, known, new in zip(batch.texts, batch.captions, added)]
-            views = torch.from_numpy(np.array(batch.views))
             with clock.stage("teacher_forward"):  # OUT's teachers lack only the new captions
                 image_emb, text_emb = self._embed(
                     (views, every_text) if config.id in self.new_teachers else (views[:, :0], added)
@@ -357,7 +356,7 @@ def extend_dataset(
             }
             sidecar = sidecar_layout(extension, cards)
             out.write_json_atomic({"cards": cards, "layout": sidecar.to_dict()}, sidecar.extension_file)
-            caption_sizes = tuple(sorted({card["input_size"] for card in cards["captioners"]}))
+            caption_sizes = caption_input_sizes(cards)
             task = ray.remote(num_cpus=1, max_retries=2, retry_exceptions=[OSError])(extend_unit)
             task_args = (extension, sidecar, caption_sizes)
             _, progress = run_unit_tasks(task, todo, task_args, workers, nodes, extension.job, summary, on_progress)

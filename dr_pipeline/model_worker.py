@@ -13,8 +13,9 @@ import numpy as np
 import ray
 import torch
 
-from dr_pipeline.config import JobConfig, TeacherConfig
-from dr_pipeline.prepare import ViewBatch
+from dr_pipeline.accelerator import Acceleration, teacher_batch_size, views_to_device
+from dr_pipeline.config import JobConfig, ResourcesConfig
+from dr_pipeline.prepare import ViewBatch, caption_input_sizes, render_model_inputs
 from dr_pipeline.schema import to_storage, transfer_dtype
 from dr_pipeline.seeding import derive_seed
 from dr_pipeline.timing import StageClock
@@ -34,6 +35,17 @@ def caption_seeds(run_seed: int, captioner_id: str, keys: list[str], num_caption
     return [[derive_seed(run_seed, key, f"caption/{captioner_id}", j) for j in range(num_captions)] for key in keys]
 
 
+def model_threads(resources: ResourcesConfig) -> int:
+    """Torch CPU threads of a model actor: as configured, else its CPU reservation (what Ray gives it)."""
+    return resources.model_threads or max(1, int(resources.cpus_per_actor))
+
+
+def acceleration_for(resources: ResourcesConfig, device: torch.device) -> Acceleration:
+    """The job's speed settings as they apply on `device`: channels-last only pays on CUDA."""
+    return Acceleration(channels_last=resources.channels_last and device.type == "cuda",
+                        compile_backend=resources.compile)
+
+
 def _chunks(total: int, size: int) -> list[slice]:
     return [slice(start, min(start + size, total)) for start in range(0, total, size)]
 
@@ -43,9 +55,19 @@ class ModelWorker:
 
     def __init__(self, job: JobConfig, use_gpu: bool):
         self.job = job
+        torch.set_num_threads(model_threads(job.resources))
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         self.teachers = [build_teacher(t, self.device, t.precision) for t in job.teachers]
         self.captioners = [build_captioner(c, self.device, c.precision) for c in job.captioners]
+        acceleration = acceleration_for(job.resources, self.device)
+        for teacher in self.teachers:
+            if hasattr(teacher, "accelerate"):  # built-in adapters; a plug-in may run as it likes
+                teacher.accelerate(acceleration)
+        view_size = job.augmentation.random_resized_crop.size
+        self.batch_sizes = [
+            teacher_batch_size(config.batch_size, teacher.encode_image, view_size, self.device)
+            for config, teacher in zip(job.teachers, self.teachers)
+        ]
 
     def describe(self) -> dict[str, Any]:
         """Cards of the loaded models, as the manifest records them."""
@@ -59,24 +81,42 @@ class ModelWorker:
     def process(self, batch: ViewBatch) -> BatchResult:
         clock = StageClock()
         with torch.inference_mode():
+            views, caption_views = self.model_inputs(batch, clock)
             with clock.stage("captioning"):
-                captions = self._caption(batch)
+                captions = self._caption(batch.keys, caption_views)
             texts = [
                 [text] + [caption for c in self.job.captioners for caption in captions[c.id][i]]
                 for i, text in enumerate(batch.texts)
             ]
             with clock.stage("teacher_forward"):
-                views = torch.from_numpy(np.array(batch.views))
                 image_emb, text_emb = self._embed((views, texts) for _ in self.teachers)
         return BatchResult(image_emb=image_emb, text_emb=text_emb, captions=captions, seconds=dict(clock.seconds))
 
-    def _caption(self, batch: ViewBatch) -> dict[str, list[list[str]]]:
+    def model_inputs(self, batch: ViewBatch, clock: StageClock) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """The batch's views and captioner centre views on the device, copied there once for every
+        model ("to_device"), or rendered there from the originals ("augment", same renderer)."""
+        pin = self.job.resources.pin_memory
+        if batch.originals is None:
+            with clock.stage("to_device"):
+                caption_views = {size: views_to_device(v, self.device, pin) for size, v in batch.caption_views.items()}
+                return views_to_device(batch.views, self.device, pin), caption_views
+        augmentation = self.job.augmentation
+        with clock.stage("augment"):
+            caption_sizes = caption_input_sizes({"captioners": [c.card.to_dict() for c in self.captioners]})
+            rendered = [
+                render_model_inputs(views_to_device(image, self.device, pin), params, caption_sizes, augmentation)
+                for image, params in zip(batch.originals, batch.view_params or [])
+            ]
+            caption_views = {size: torch.stack([r[1][size] for r in rendered]) for size in caption_sizes}
+            return torch.stack([r[0] for r in rendered]), caption_views
+
+    def _caption(self, keys: list[str], caption_views: dict[int, torch.Tensor]) -> dict[str, list[list[str]]]:
         captions: dict[str, list[list[str]]] = {}
         for config, captioner in zip(self.job.captioners, self.captioners):
-            images = torch.from_numpy(np.array(batch.caption_views[captioner.card.input_size]))  # object-store arrays are read-only
-            seeds = caption_seeds(self.job.seed, config.id, batch.keys, config.num_captions)
+            images = caption_views[captioner.card.input_size]
+            seeds = caption_seeds(self.job.seed, config.id, keys, config.num_captions)
             rows: list[list[str]] = []
-            for part in _chunks(len(batch), config.batch_size):
+            for part in _chunks(len(keys), config.batch_size):
                 rows += captioner.caption(images[part], seeds[part], config.sampler, config.postprocess)
             captions[config.id] = rows
         return captions
@@ -87,8 +127,9 @@ class ModelWorker:
         """Stored embeddings by teacher id of each teacher's (views, texts), given in teacher order."""
         image_emb: dict[str, np.ndarray] = {}
         text_emb: dict[str, np.ndarray] = {}
-        for config, teacher, (views, texts) in zip(self.job.teachers, self.teachers, inputs):
-            image, text = self.embed_with(config, teacher, views, texts)
+        teachers = zip(self.job.teachers, self.batch_sizes, self.teachers)
+        for (config, batch_size, teacher), (views, texts) in zip(teachers, inputs):
+            image, text = self.embed_with(batch_size, teacher, views, texts)
             if image is not None:
                 image_emb[config.id] = image
             if text is not None:
@@ -96,7 +137,7 @@ class ModelWorker:
         return image_emb, text_emb
 
     def embed_with(
-        self, config: TeacherConfig, teacher: Teacher, views: torch.Tensor, texts: list[list[str]]
+        self, batch_size: int, teacher: Teacher, views: torch.Tensor, texts: list[list[str]]
     ) -> tuple[np.ndarray | None, np.ndarray | None]:
         """One teacher's stored embeddings of views [N, K, 3, S, S] -> [N, K, D] and of N equally
         long rows of texts -> [N, rows, D]; None for a side it does not have or has nothing to embed."""
@@ -105,10 +146,10 @@ class ModelWorker:
         if teacher.card.has_image and views.shape[1]:
             n, k = views.shape[:2]
             flat_views = views.reshape(n * k, *views.shape[2:])
-            image = _encode_in_chunks(teacher.encode_image, flat_views, config.batch_size, dtype).reshape(n, k, -1)
+            image = _encode_in_chunks(teacher.encode_image, flat_views, batch_size, dtype).reshape(n, k, -1)
         if teacher.card.has_text and texts[0]:
             flat_texts = [t for row in texts for t in row]
-            encoded = _encode_in_chunks(teacher.encode_text, flat_texts, config.batch_size, dtype)
+            encoded = _encode_in_chunks(teacher.encode_text, flat_texts, batch_size, dtype)
             text = encoded.reshape(len(texts), len(texts[0]), -1)
         return image, text
 

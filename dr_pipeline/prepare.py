@@ -41,12 +41,16 @@ class PreparedSample:
 
 @dataclass
 class ViewBatch:
-    """What a model actor receives: rendered views and the texts to embed."""
+    """What a model actor receives: rendered views (or, when the actor renders them, the
+    decoded originals and their view parameters) and the texts to embed."""
 
     keys: list[str]
     texts: list[str]
-    views: np.ndarray  # uint8 [N, K, 3, S, S]
+    views: np.ndarray | None  # uint8 [N, K, 3, S, S]; None when the actor renders the views
     caption_views: dict[int, np.ndarray]  # captioner input size -> uint8 [N, 3, s, s]
+    # decoded images uint8 [C, H, W] and their view parameters, when the actor renders the views
+    originals: list[np.ndarray] | None = field(default=None, kw_only=True)
+    view_params: list[list[ViewParams]] | None = field(default=None, kw_only=True)
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -61,25 +65,49 @@ class ViewBatch:
         )
 
 
+def caption_input_sizes(cards: dict[str, Any]) -> tuple[int, ...]:
+    """The input sizes centre views are rendered at, one per distinct captioner input size."""
+    return tuple(sorted({c["input_size"] for c in cards["captioners"]}))
+
+
+def render_model_inputs(
+    pixels: torch.Tensor, params: list[ViewParams], caption_sizes: tuple[int, ...], cfg: AugmentationConfig
+) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    """One decoded image rendered for the models, on the image's device: a teacher view per
+    params, and the unaugmented centre view at each captioner input size."""
+    views = render_views(pixels, params, cfg.random_resized_crop.size, cfg)
+    center = center_view_params(int(pixels.shape[1]), int(pixels.shape[2]))
+    return views, {size: render_view(pixels, center, size, cfg) for size in caption_sizes}
+
+
 @dataclass
 class PreparedBatch:
     samples: list[PreparedSample] = field(default_factory=list)
     failures: list[dict[str, Any]] = field(default_factory=list)
     views: list[torch.Tensor] = field(default_factory=list)
     caption_views: dict[int, list[torch.Tensor]] = field(default_factory=dict)
+    render_on_model: bool = False  # keep the originals and parameters for the model actor to render
+    originals: list[torch.Tensor] = field(default_factory=list)
+    view_params: list[list[ViewParams]] = field(default_factory=list)
 
     def add_views(
         self, pixels: torch.Tensor, params: list[ViewParams], caption_sizes: tuple[int, ...], cfg: AugmentationConfig
     ) -> None:
-        """Render one decoded image for the models: a teacher view per params, and the
-        unaugmented centre view at each captioner input size."""
-        self.views.append(render_views(pixels, params, cfg.random_resized_crop.size, cfg))
-        center = center_view_params(int(pixels.shape[1]), int(pixels.shape[2]))
-        for size in caption_sizes:
-            self.caption_views.setdefault(size, []).append(render_view(pixels, center, size, cfg))
+        """Render one decoded image for the models (render_model_inputs), or keep it for the actor."""
+        if self.render_on_model:
+            self.originals.append(pixels)
+            self.view_params.append(params)
+            return
+        views, caption_views = render_model_inputs(pixels, params, caption_sizes, cfg)
+        self.views.append(views)
+        for size, view in caption_views.items():
+            self.caption_views.setdefault(size, []).append(view)
 
     def stacked_views(self) -> dict[str, Any]:
-        """The rendered views as ViewBatch fields."""
+        """The rendered views (or the originals and parameters) as ViewBatch fields."""
+        if self.render_on_model:
+            originals = [image.numpy() for image in self.originals]
+            return {"views": None, "caption_views": {}, "originals": originals, "view_params": self.view_params}
         return {
             "views": torch.stack(self.views).numpy(),
             "caption_views": {size: torch.stack(v).numpy() for size, v in self.caption_views.items()},
@@ -112,11 +140,13 @@ def _metadata_problem(raw: RawSample, key: str, seen: set[str]) -> tuple[str, st
 def prepare_unit(
     shard_url: str, job: JobConfig, caption_sizes: tuple[int, ...], clock: StageClock | None = None
 ) -> Iterator[PreparedBatch]:
-    """Batches of at most resources.batch_size valid samples, with the failures met on the way."""
+    """Batches of at most resources.batch_size valid samples, with the failures met on the way.
+    With resources.render_views_on "accelerator", the views are left to the model actor."""
     clock = clock or StageClock()
     cfg = job.augmentation
     seen: set[str] = set()
-    batch = PreparedBatch()
+    render_on_model = job.resources.render_views_on == "accelerator"
+    batch = PreparedBatch(render_on_model=render_on_model)
     for item in clock.timed("read", iter_shard(shard_url, job.input)):
         if isinstance(item, InputFailure):
             batch.failures.append(failure_record(item.key, item.reason, item.detail))
@@ -153,6 +183,6 @@ def prepare_unit(
         )
         if len(batch.samples) >= job.resources.batch_size:
             yield batch
-            batch = PreparedBatch()
+            batch = PreparedBatch(render_on_model=render_on_model)
     if batch.samples or batch.failures:
         yield batch

@@ -35,7 +35,7 @@ from dr_pipeline.manifest import (
 )
 from dr_pipeline.model_worker import BatchResult, ModelWorker
 from dr_pipeline.plan import Plan, Unit, check_plan_matches, make_plan, read_plan, write_plan
-from dr_pipeline.prepare import ViewBatch, failure_record, prepare_unit
+from dr_pipeline.prepare import ViewBatch, caption_input_sizes, failure_record, prepare_unit
 from dr_pipeline.progress import POLL_SECONDS, ProgressTracker, RunProgress, UnitReporter, run_record, start_tally
 from dr_pipeline.schema import CaptionerColumns, DatasetLayout, TeacherColumns
 from dr_pipeline.storage import Location, redact_url
@@ -154,20 +154,18 @@ def model_results(
         yield from finish_oldest()
 
 
-def process_unit(
-    unit: Unit,
-    job: JobConfig,
-    layout: DatasetLayout,
-    caption_sizes: tuple[int, ...],
-    worker: Any,
-    tally: Any = None,
-) -> dict[str, Any]:
+def process_unit(unit: Unit, job: JobConfig, models: list[Any], worker: Any, tally: Any = None) -> dict[str, Any]:
     """Ray task: produce and commit one unit; returns its stats (also written as the marker).
 
+    `models` holds, unresolved, the ref of the model actors' `describe()`: the task starts (and
+    imports) while the actors load their models, and waits for their cards only here.
     While it runs it reports the unit's counts so far to `tally` (a progress.ProgressTally actor).
     """
     torch.set_num_threads(1)
     started = time.time()
+    cards = ray.get(models[0])
+    layout = layout_for(job, cards)
+    caption_sizes = caption_input_sizes(cards)
     out = Location.from_url(job.output.url, job.output.storage_options)
     for path in (unit.data_file(job.output.format), unit.failures_file, unit.stats_file):
         out.remove_stale_temps(path)
@@ -226,12 +224,10 @@ def ray_session(address: str | None) -> Iterator[None]:
         ray.shutdown()
 
 
-def start_workers(
-    job: JobConfig, worker_class: type = ModelWorker, worker_arg: Any = None
-) -> tuple[list[Any], list[str], dict[str, Any]]:
-    """The model actors, `worker_class(worker_arg or job, use_gpu)` placed by the job's
-    resources and spread over the cluster's nodes (unit tasks follow their actor, so the CPU
-    work spreads too), their node ids, and the cards of the loaded models."""
+def create_workers(job: JobConfig, worker_class: type = ModelWorker, worker_arg: Any = None) -> list[Any]:
+    """The model actors, `worker_class(worker_arg or job, use_gpu)` placed by the job's resources
+    and spread over the cluster's nodes (unit tasks follow their actor, so the CPU work spreads
+    too); returns at once, while they start and load their models."""
     gpus = job.resources.gpus_per_actor
     if gpus == "auto":
         gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
@@ -239,12 +235,35 @@ def start_workers(
         num_cpus=job.resources.cpus_per_actor, num_gpus=gpus, max_restarts=3, max_task_retries=3,
         scheduling_strategy="SPREAD",
     )
-    workers = [actor_class.remote(worker_arg or job, gpus > 0) for _ in range(job.resources.actors)]
+    return [actor_class.remote(worker_arg or job, gpus > 0) for _ in range(job.resources.actors)]
+
+
+def described_workers(described_refs: list[Any]) -> tuple[list[str], dict[str, Any]]:
+    """Wait for the actors' `describe()`: their node ids and the cards of the loaded models."""
     try:
-        described = ray.get([w.describe.remote() for w in workers])
+        described = ray.get(described_refs)
     except ray.exceptions.RayError as error:
         raise DrGenError(f"model actors failed to start: {one_line(error)}") from None
-    return workers, [d["node_id"] for d in described], described[0]
+    return [d["node_id"] for d in described], described[0]
+
+
+def start_workers(
+    job: JobConfig, worker_class: type = ModelWorker, worker_arg: Any = None
+) -> tuple[list[Any], list[str], dict[str, Any]]:
+    """The model actors once they are up, their node ids, and the cards of the loaded models."""
+    workers = create_workers(job, worker_class, worker_arg)
+    return workers, *described_workers([w.describe.remote() for w in workers])
+
+
+def single_node_id() -> str | None:
+    """The node id when the cluster has one node (local Ray), where every actor and task runs."""
+    nodes = [node["NodeID"] for node in ray.nodes() if node["Alive"]]
+    return nodes[0] if len(nodes) == 1 else None
+
+
+def manifest_cards(manifest: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    """The teacher and captioner cards a manifest records, as `describe()` gives them."""
+    return {kind: [entry["card"] for entry in manifest[kind]] for kind in ("teachers", "captioners")}
 
 
 def run_unit_tasks(
@@ -256,11 +275,13 @@ def run_unit_tasks(
     job: JobConfig,
     summary: RunSummary,
     on_progress: Callable[[RunProgress], None] | None,
+    on_submitted: Callable[[], None] | None = None,
 ) -> tuple[StatsSum, RunProgress]:
     """`task(unit, *task_args, worker, tally)` for every unit, at most resources.cpu_workers at
     once, each placed on the node of its least loaded actor. Committed units are counted into
     `summary`, failed ones go to summary.units_failed; `on_progress` gets a snapshot about every
-    POLL_SECONDS. Returns the sums over the stats this call committed and the last snapshot.
+    POLL_SECONDS; `on_submitted` is called once the first tasks are submitted (at the end when
+    there are none). Returns the sums over the stats this call committed and the last snapshot.
 
     The driver holds only the units in flight and running sums, never every unit's stats."""
     tally = start_tally()
@@ -280,6 +301,9 @@ def run_unit_tasks(
             ref = task.options(scheduling_strategy=strategy).remote(unit, *task_args, workers[index], tally)
             pending[ref] = (unit, index)
             unit = next(queue, None)
+        if on_submitted:
+            on_submitted()
+            on_submitted = None
         ready, _ = ray.wait(list(pending), num_returns=1, timeout=POLL_SECONDS)
         for ref in ready:
             done_unit, index = pending.pop(ref)
@@ -300,6 +324,8 @@ def run_unit_tasks(
             progress = tracker.snapshot(*ray.get(tally.totals.remote()))
             if on_progress:
                 on_progress(progress)
+    if on_submitted:  # there was no unit to run
+        on_submitted()
     return written, progress
 
 
@@ -334,7 +360,7 @@ def run_job(
     if not todo and out.exists(MANIFEST_FILE):
         previous = out.read_json(MANIFEST_FILE)
         if previous["status"] != "complete":  # killed after the last unit, before the manifest
-            cards = {kind: [entry["card"] for entry in previous[kind]] for kind in ("teachers", "captioners")}
+            cards = manifest_cards(previous)
             head = manifest_head(job, layout_for(job, cards), cards, plan.created_at)
             del previous
             write_manifest(out, head, iter_unit_stats(out, _committed_ids(out, units)), len(units),
@@ -342,21 +368,33 @@ def run_job(
         summary.seconds = time.time() - started
         return summary
     with ray_session(address):
-        workers, nodes, described = start_workers(job)
-        summary.startup_seconds = time.time() - started
-        cards = {"teachers": described["teachers"], "captioners": described["captioners"]}
-        layout = layout_for(job, cards)
-        caption_sizes = tuple(sorted({c["input_size"] for c in cards["captioners"]}))
+        # Unit tasks start while the actors load their models (their worker processes import
+        # torch meanwhile); on a cluster of several nodes they wait for the actors' node ids.
+        workers = create_workers(job)
+        described_refs = [w.describe.remote() for w in workers]
+        node = single_node_id()
+        nodes = [node] * len(workers) if node else described_workers(described_refs)[0]
         runs = read_runs(out)
-        head = manifest_head(job, layout, cards, plan.created_at)
-        write_manifest(out, head, iter_unit_stats(out, _committed_ids(out, units)), len(units), {"runs": runs})
+        head: dict[str, Any] = {}
+
+        def write_started_manifest() -> None:
+            """Once the models are up: the manifest with their cards (status incomplete)."""
+            described = described_workers(described_refs)[1]
+            summary.startup_seconds = time.time() - started
+            cards = {"teachers": described["teachers"], "captioners": described["captioners"]}
+            head.update(manifest_head(job, layout_for(job, cards), cards, plan.created_at))
+            write_manifest(out, head, iter_unit_stats(out, _committed_ids(out, units)), len(units), {"runs": runs})
+
         unit_task = ray.remote(num_cpus=1, max_retries=2, retry_exceptions=[OSError])(process_unit)
-        task_args = (job, layout, caption_sizes)
-        written, progress = run_unit_tasks(unit_task, todo, task_args, workers, nodes, job, summary, on_progress)
+        task_args = (job, [described_refs[0]])
+        written, progress = run_unit_tasks(
+            unit_task, todo, task_args, workers, nodes, job, summary, on_progress, write_started_manifest
+        )
         del todo
         summary.seconds = time.time() - started
         runs.append(run_record(started, summary.seconds, summary.startup_seconds, progress, written, nodes))
         write_runs(out, runs)
-        head = manifest_head(job, layout, cards, plan.created_at)
-        write_manifest(out, head, iter_unit_stats(out, _committed_ids(out, units)), len(units), {"runs": runs})
+        cards = manifest_cards(head)
+        final_head = manifest_head(job, layout_for(job, cards), cards, plan.created_at)
+        write_manifest(out, final_head, iter_unit_stats(out, _committed_ids(out, units)), len(units), {"runs": runs})
     return summary

@@ -9,6 +9,7 @@ a demo run shows the failure accounting at work.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import tarfile
@@ -87,9 +88,16 @@ def sample_records() -> tuple[SampleRecord, ...]:
     return tuple(records)
 
 
-def write_sample_data(dest: str, num_shards: int = 3) -> list[str]:
-    """Write the samples as webdataset tars {dest}/00000.tar ... in key order; returns their URLs."""
-    records = sample_records()
+def write_sample_data(dest: str, num_shards: int = 3, copies: int = 1) -> list[str]:
+    """Write the samples as webdataset tars {dest}/00000.tar ... in key order; returns their URLs.
+
+    `copies` > 1 repeats the samples (copy c > 0 under keys prefixed "c<c>-"), a larger
+    workload of the same pictures for benchmarks."""
+    records = tuple(
+        dataclasses.replace(record, key=f"c{copy}-{record.key}" if copy else record.key)
+        for copy in range(copies)
+        for record in sample_records()
+    )
     if not 1 <= num_shards <= len(records):
         raise ValueError(f"num_shards must be between 1 and {len(records)}, got {num_shards}")
     fs, root = fsspec.core.url_to_fs(dest)

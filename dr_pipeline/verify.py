@@ -18,6 +18,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from dr_pipeline.accelerator import teacher_batch_size
 from dr_pipeline.reader import ReinforcedDataset
 from dr_pipeline.replay import ViewRenderer, dataset_job, original_images, pick_samples, row_texts
 from teachers import build_teacher
@@ -91,14 +92,17 @@ def verify_dataset(
         rebuilt_card = teacher.card.to_dict()
         check.card_differences = sorted(k for k, v in entry["card"].items() if rebuilt_card.get(k) != v)
         worst = (2.0, None)
+        batch_size = teacher_batch_size(
+            config.batch_size, teacher.encode_image, renderer.view_size, torch.device(device)
+        )
         if columns.image_column:
             stored = np.concatenate([s.row[columns.image_column] for s in samples])
-            cosines = _cosines(_in_batches(teacher.encode_image, views, config.batch_size), stored)
+            cosines = _cosines(_in_batches(teacher.encode_image, views, batch_size), stored)
             check.image = cosines.tolist()
             worst = min(worst, (float(cosines.min()), view_owner[int(cosines.argmin())]))
         if columns.text_column:
             stored = np.concatenate([s.row[columns.text_column] for s in samples])
-            cosines = _cosines(_in_batches(teacher.encode_text, texts, config.batch_size), stored)
+            cosines = _cosines(_in_batches(teacher.encode_text, texts, batch_size), stored)
             check.text = cosines.tolist()
             worst = min(worst, (float(cosines.min()), text_owner[int(cosines.argmin())]))
         check.worst_key = worst[1]

@@ -39,6 +39,7 @@ from transformers import (
     ProcessorMixin,
 )
 
+from dr_pipeline.accelerator import Acceleration
 from dr_pipeline.config import CaptionerConfig, CaptionPostprocessConfig, SamplerConfig, TeacherConfig
 from dr_pipeline.errors import ConfigError
 from teachers.base import (
@@ -134,12 +135,21 @@ class HfTeacher:
         self.card = card
         self.device = device
         self.precision = precision
+        self.acceleration = Acceleration()
+        self._image_features, self._text_features = self.model.get_image_features, self.model.get_text_features
+
+    def accelerate(self, acceleration: Acceleration) -> None:
+        acceleration.prepare(self.model)
+        self.acceleration = acceleration
+        self._image_features = acceleration.compiled(self.model.get_image_features)
+        self._text_features = acceleration.compiled(self.model.get_text_features)
 
     @torch.inference_mode()
     def encode_image(self, views: torch.Tensor) -> torch.Tensor:
         pixels = pixels_for_model(views, self.card.input_size, self.card.mean, self.card.std, self.device)
+        pixels = pixels.contiguous(memory_format=self.acceleration.memory_format)
         with precision_context(self.device, self.precision):
-            embeddings = _features(self.model.get_image_features(pixel_values=pixels))
+            embeddings = _features(self._image_features(pixel_values=pixels))
         return F.normalize(embeddings.float(), dim=-1).cpu()
 
     def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
@@ -152,7 +162,7 @@ class HfTeacher:
     @torch.inference_mode()
     def encode_text(self, texts: list[str]) -> torch.Tensor:
         with precision_context(self.device, self.precision):
-            embeddings = _features(self.model.get_text_features(**self.tokenize(texts)))
+            embeddings = _features(self._text_features(**self.tokenize(texts)))
         return F.normalize(embeddings.float(), dim=-1).cpu()
 
 

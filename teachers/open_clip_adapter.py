@@ -24,6 +24,7 @@ import torch
 from open_clip.transformer import MultimodalTransformer
 from torch import nn
 
+from dr_pipeline.accelerator import Acceleration
 from dr_pipeline.config import CaptionerConfig, CaptionPostprocessConfig, SamplerConfig, TeacherConfig
 from dr_pipeline.errors import ConfigError
 from teachers.base import (
@@ -230,6 +231,14 @@ class OpenClipTeacher:
         self.card = card
         self.device = device
         self.precision = precision
+        self.acceleration = Acceleration()
+        self._encode_image, self._encode_text = self.model.encode_image, self.model.encode_text
+
+    def accelerate(self, acceleration: Acceleration) -> None:
+        acceleration.prepare(self.model)
+        self.acceleration = acceleration
+        self._encode_image = acceleration.compiled(self.model.encode_image)
+        self._encode_text = acceleration.compiled(self.model.encode_text)
 
     @torch.inference_mode()
     def encode_image(self, views: torch.Tensor) -> torch.Tensor:
@@ -237,14 +246,15 @@ class OpenClipTeacher:
             return torch.empty(0, self.card.embedding_dim)
         pixels = pixels_for_model(views, self.card.input_size, self.card.mean, self.card.std, self.device)
         with precision_context(self.device, self.precision):
-            embeddings = self.model.encode_image(pixels, normalize=True)
+            embeddings = self._encode_image(pixels.contiguous(memory_format=self.acceleration.memory_format),
+                                            normalize=True)
         return embeddings.float().cpu()
 
     @torch.inference_mode()
     def encode_text(self, texts: list[str]) -> torch.Tensor:
         tokens = self.tokenizer(texts).to(self.device)
         with precision_context(self.device, self.precision):
-            embeddings = self.model.encode_text(tokens, normalize=True)
+            embeddings = self._encode_text(tokens, normalize=True)
         return embeddings.float().cpu()
 
 
