@@ -175,8 +175,8 @@ def test_a_changed_config_is_refused_unless_overwrite(full_disk_run, tmp_path):
     assert refused.exit_code == 2 and "was written with a different config" in refused.output
     assert "--overwrite" in refused.output and len(refused.output.strip().splitlines()) == 1
     assert (out / "data" / "00000.parquet").exists()
-    _, units = plan_output(parse_job(reseeded), overwrite=True)
-    assert [u.id for u in units] == ["00000", "00001", "00002"]
+    _, plan = plan_output(parse_job(reseeded), overwrite=True)
+    assert [u.id for u in plan.units] == ["00000", "00001", "00002"]
     assert not (out / "data").exists() and not (out / MANIFEST_FILE).exists()
     assert json.loads((out / "plan.json").read_text())["config_hash"] == parse_job(reseeded).output_hash()
 
