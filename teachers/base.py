@@ -16,6 +16,7 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F
 
+from dr_pipeline.accelerator import Acceleration
 from dr_pipeline.config import CaptionPostprocessConfig, SamplerConfig
 from dr_pipeline.seeding import derive_seed
 
@@ -167,3 +168,28 @@ def pixels_for_model(
     mean_t = torch.tensor(mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
     std_t = torch.tensor(std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
     return (pixels / 255 - mean_t) / std_t
+
+
+class TwoTowerTeacher:
+    """What the built-in teacher adapters share: the model on its device with its tokenizer,
+    card and precision, and its two tower methods (IMAGE_METHOD, TEXT_METHOD), which
+    `accelerate` turns channels-last / compiled."""
+
+    IMAGE_METHOD: str
+    TEXT_METHOD: str
+
+    def __init__(self, model: torch.nn.Module, tokenizer: Any, card: TeacherCard, device: torch.device, precision: str):
+        self.model = model.to(device)
+        self.tokenizer = tokenizer
+        self.card = card
+        self.device = device
+        self.precision = precision
+        self.acceleration = Acceleration()
+        self._image_tower = getattr(self.model, self.IMAGE_METHOD)
+        self._text_tower = getattr(self.model, self.TEXT_METHOD)
+
+    def accelerate(self, acceleration: Acceleration) -> None:
+        acceleration.prepare(self.model)
+        self.acceleration = acceleration
+        self._image_tower = acceleration.compiled(getattr(self.model, self.IMAGE_METHOD))
+        self._text_tower = acceleration.compiled(getattr(self.model, self.TEXT_METHOD))

@@ -39,13 +39,13 @@ from transformers import (
     ProcessorMixin,
 )
 
-from dr_pipeline.accelerator import Acceleration
 from dr_pipeline.config import CaptionerConfig, CaptionPostprocessConfig, SamplerConfig, TeacherConfig
 from dr_pipeline.errors import ConfigError
 from teachers.base import (
     VIEW_RESIZE,
     CaptionerCard,
     TeacherCard,
+    TwoTowerTeacher,
     error_line,
     pixels_for_model,
     precision_context,
@@ -126,30 +126,18 @@ def _features(output) -> torch.Tensor:
     return output if isinstance(output, torch.Tensor) else output.pooler_output
 
 
-class HfTeacher:
+class HfTeacher(TwoTowerTeacher):
     """L2-normalised get_image_features / get_text_features of a transformers model."""
 
-    def __init__(self, model, tokenizer, card: TeacherCard, device: torch.device, precision: str):
-        self.model = model.to(device)
-        self.tokenizer = tokenizer
-        self.card = card
-        self.device = device
-        self.precision = precision
-        self.acceleration = Acceleration()
-        self._image_features, self._text_features = self.model.get_image_features, self.model.get_text_features
-
-    def accelerate(self, acceleration: Acceleration) -> None:
-        acceleration.prepare(self.model)
-        self.acceleration = acceleration
-        self._image_features = acceleration.compiled(self.model.get_image_features)
-        self._text_features = acceleration.compiled(self.model.get_text_features)
+    IMAGE_METHOD = "get_image_features"
+    TEXT_METHOD = "get_text_features"
 
     @torch.inference_mode()
     def encode_image(self, views: torch.Tensor) -> torch.Tensor:
         pixels = pixels_for_model(views, self.card.input_size, self.card.mean, self.card.std, self.device)
         pixels = pixels.contiguous(memory_format=self.acceleration.memory_format)
         with precision_context(self.device, self.precision):
-            embeddings = _features(self._image_features(pixel_values=pixels))
+            embeddings = _features(self._image_tower(pixel_values=pixels))
         return F.normalize(embeddings.float(), dim=-1).cpu()
 
     def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
@@ -162,7 +150,7 @@ class HfTeacher:
     @torch.inference_mode()
     def encode_text(self, texts: list[str]) -> torch.Tensor:
         with precision_context(self.device, self.precision):
-            embeddings = _features(self._text_features(**self.tokenize(texts)))
+            embeddings = _features(self._text_tower(**self.tokenize(texts)))
         return F.normalize(embeddings.float(), dim=-1).cpu()
 
 

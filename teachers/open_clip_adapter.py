@@ -24,13 +24,13 @@ import torch
 from open_clip.transformer import MultimodalTransformer
 from torch import nn
 
-from dr_pipeline.accelerator import Acceleration
 from dr_pipeline.config import CaptionerConfig, CaptionPostprocessConfig, SamplerConfig, TeacherConfig
 from dr_pipeline.errors import ConfigError
 from teachers.base import (
     VIEW_RESIZE,
     CaptionerCard,
     TeacherCard,
+    TwoTowerTeacher,
     error_line,
     precision_context,
     pixels_for_model,
@@ -222,23 +222,11 @@ def _tokenizer_name(tokenizer) -> str:
     return f"{name}({source})" if source else name
 
 
-class OpenClipTeacher:
+class OpenClipTeacher(TwoTowerTeacher):
     """Embeds views and texts with open_clip's encode_image / encode_text (normalised)."""
 
-    def __init__(self, model: nn.Module, tokenizer, card: TeacherCard, device: torch.device, precision: str):
-        self.model = model.to(device)
-        self.tokenizer = tokenizer
-        self.card = card
-        self.device = device
-        self.precision = precision
-        self.acceleration = Acceleration()
-        self._encode_image, self._encode_text = self.model.encode_image, self.model.encode_text
-
-    def accelerate(self, acceleration: Acceleration) -> None:
-        acceleration.prepare(self.model)
-        self.acceleration = acceleration
-        self._encode_image = acceleration.compiled(self.model.encode_image)
-        self._encode_text = acceleration.compiled(self.model.encode_text)
+    IMAGE_METHOD = "encode_image"
+    TEXT_METHOD = "encode_text"
 
     @torch.inference_mode()
     def encode_image(self, views: torch.Tensor) -> torch.Tensor:
@@ -246,7 +234,7 @@ class OpenClipTeacher:
             return torch.empty(0, self.card.embedding_dim)
         pixels = pixels_for_model(views, self.card.input_size, self.card.mean, self.card.std, self.device)
         with precision_context(self.device, self.precision):
-            embeddings = self._encode_image(pixels.contiguous(memory_format=self.acceleration.memory_format),
+            embeddings = self._image_tower(pixels.contiguous(memory_format=self.acceleration.memory_format),
                                             normalize=True)
         return embeddings.float().cpu()
 
@@ -254,7 +242,7 @@ class OpenClipTeacher:
     def encode_text(self, texts: list[str]) -> torch.Tensor:
         tokens = self.tokenizer(texts).to(self.device)
         with precision_context(self.device, self.precision):
-            embeddings = self._encode_text(tokens, normalize=True)
+            embeddings = self._text_tower(tokens, normalize=True)
         return embeddings.float().cpu()
 
 

