@@ -4,10 +4,17 @@ Generation stores only `ViewParams`; trainers, `show` and `verify` replay a
 view by calling `render_view` on the decoded original with the stored
 parameters. Sampling is a pure function of (run seed, sample key, view index,
 image size, config), so any subset of a dataset can be recomputed anywhere.
-There is one renderer, used by generation and by every replay, so replayed
-views are pixel-identical to the views the teachers embedded (with the same
-torch/torchvision build on the same CPU instruction set: torch's vectorised
-and scalar float kernels can round a few pixels differently).
+
+Two renderers, one reference:
+- `render_view` / `render_views` (the CPU renderer, used by generation and every
+  replay) run the reference itself: torchvision's functional ops on PIL images,
+  the path trainers run (MobileCLIP's loader: `resized_crop` with the stored
+  box, then torchvision RandAugment's op mapping on the PIL view). Its views
+  equal the reference's pixel for pixel (bench/bench_fidelity.py, README "Fidelity").
+- `render_views_tensor` (`resources.render_views_on: accelerator`) runs the same
+  ops as torchvision tensor kernels on the image's device; they round unlike
+  PIL in a few places (resampling filters, the grey of Color and Contrast), a
+  measured bound documented in the README.
 
 Order of operations (fixed): random resized crop, horizontal flip,
 RandAugment, random erasing. The parameter distributions follow torchvision's
@@ -24,7 +31,9 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-import torchvision.transforms.v2.functional as F
+import torchvision.transforms.functional as pil_ops
+import torchvision.transforms.v2.functional as tensor_ops
+from PIL import Image
 from torchvision.transforms import InterpolationMode
 
 from dr_pipeline.config import AugmentationConfig
@@ -248,40 +257,42 @@ def center_view_params(height: int, width: int) -> ViewParams:
     return ViewParams(crop=crop, flip=False, rand_augment=None, erase=None)
 
 
-def _apply_op(
-    view: torch.Tensor, name: str, magnitude: float, interpolation: InterpolationMode, pixel_scale: float
-) -> torch.Tensor:
-    """One RandAugment op through torchvision's public functional API; pixels moved in
-    from outside the view are 0 (grid_sample's zero padding, fill=None)."""
+def _apply_op(view: Any, name: str, magnitude: float, interpolation: InterpolationMode, pixel_scale: float) -> Any:
+    """One RandAugment op through torchvision's public functional API, mapped from
+    (name, magnitude) as torchvision's RandAugment maps them (so as MobileCLIP's loader
+    replays them). `view` is a PIL image (the reference path: torchvision.transforms.functional)
+    or a uint8 tensor (torchvision.transforms.v2.functional); pixels moved in from outside
+    the view are 0 (fill=None)."""
+    ops = pil_ops if isinstance(view, Image.Image) else tensor_ops
     if name == "Identity":
         return view
     if name in ("ShearX", "ShearY"):
         angle = math.degrees(math.atan(magnitude))
         shear = [angle, 0.0] if name == "ShearX" else [0.0, angle]
-        return F.affine(
+        return ops.affine(
             view, angle=0.0, translate=[0, 0], scale=1.0, shear=shear, interpolation=interpolation, center=[0, 0]
         )
     if name in ("TranslateX", "TranslateY"):
         pixels = int(magnitude * pixel_scale)
         translate = [pixels, 0] if name == "TranslateX" else [0, pixels]
-        return F.affine(view, angle=0.0, translate=translate, scale=1.0, shear=[0.0, 0.0], interpolation=interpolation)
+        return ops.affine(view, angle=0.0, translate=translate, scale=1.0, shear=[0.0, 0.0], interpolation=interpolation)
     if name == "Rotate":
-        return F.rotate(view, magnitude, interpolation=interpolation)
+        return ops.rotate(view, magnitude, interpolation=interpolation)
     if name == "Brightness":
-        return F.adjust_brightness(view, 1.0 + magnitude)
+        return ops.adjust_brightness(view, 1.0 + magnitude)
     if name == "Color":
-        return F.adjust_saturation(view, 1.0 + magnitude)
+        return ops.adjust_saturation(view, 1.0 + magnitude)
     if name == "Contrast":
-        return F.adjust_contrast(view, 1.0 + magnitude)
+        return ops.adjust_contrast(view, 1.0 + magnitude)
     if name == "Sharpness":
-        return F.adjust_sharpness(view, 1.0 + magnitude)
+        return ops.adjust_sharpness(view, 1.0 + magnitude)
     if name == "Posterize":
-        return F.posterize(view, int(magnitude))
+        return ops.posterize(view, int(magnitude))
     if name == "Solarize":
-        return F.solarize(view, magnitude)
+        return ops.solarize(view, magnitude)
     if name == "AutoContrast":
-        return F.autocontrast(view)
-    return F.equalize(view)
+        return ops.autocontrast(view)
+    return ops.equalize(view)
 
 
 def _check_image(image: torch.Tensor) -> torch.Tensor:
@@ -291,55 +302,93 @@ def _check_image(image: torch.Tensor) -> torch.Tensor:
     return image.expand(3, -1, -1) if image.shape[0] == 1 else image
 
 
+def _check_crop(params: ViewParams, height: int, width: int) -> None:
+    top, left, crop_height, crop_width = params.crop
+    if top + crop_height > height or left + crop_width > width:
+        raise ValueError(
+            f"crop {params.crop} does not fit the {height}x{width} image: "
+            "parameters replayed on another image or decode orientation?"
+        )
+
+
 def render_view(image: torch.Tensor, params: ViewParams, size: int, cfg: AugmentationConfig) -> torch.Tensor:
-    """The view `params` of the original `image` (uint8 [3, H, W], CPU) as uint8 [3, size, size].
+    """The view `params` of the original `image` (uint8 [3, H, W]) as uint8 [3, size, size],
+    rendered on the CPU by the reference PIL path.
 
     Pixel quantities of the parameters (translation, erasing box) are in pixels of
     the configured view size; rendered at another `size` they are scaled to it, so
     the picture is the same view at another resolution.
     """
-    return _render(_check_image(image), params, size, cfg)
+    return render_views(image, [params], size, cfg)[0]
 
 
 def render_views(
     image: torch.Tensor, params: Sequence[ViewParams], size: int, cfg: AugmentationConfig
 ) -> torch.Tensor:
-    """Every view of one decoded image, uint8 [len(params), 3, size, size] on the image's device."""
+    """Every view of one decoded image, uint8 [len(params), 3, size, size] on the CPU, rendered
+    by the reference PIL path (the image is converted to PIL once for all its views)."""
     image = _check_image(image)
-    views = torch.empty((len(params), 3, size, size), dtype=torch.uint8, device=image.device)
+    picture = Image.fromarray(np.ascontiguousarray(image.cpu().permute(1, 2, 0).numpy()))
+    views = torch.empty((len(params), 3, size, size), dtype=torch.uint8)
     for index, view_params in enumerate(params):
-        views[index] = _render(image, view_params, size, cfg)
+        views[index] = _render_pil(picture, view_params, size, cfg)
     return views
 
 
-def _render(image: torch.Tensor, params: ViewParams, size: int, cfg: AugmentationConfig) -> torch.Tensor:
-    top, left, height, width = params.crop
-    if top + height > image.shape[1] or left + width > image.shape[2]:
-        raise ValueError(
-            f"crop {params.crop} does not fit the {image.shape[1]}x{image.shape[2]} image: "
-            "parameters replayed on another image or decode orientation?"
-        )
-    view = F.resized_crop(
+def render_views_tensor(
+    image: torch.Tensor, params: Sequence[ViewParams], size: int, cfg: AugmentationConfig
+) -> torch.Tensor:
+    """The same views rendered with torchvision's tensor kernels on the image's device
+    (`render_views_on: accelerator`): within the README's measured bound of the reference."""
+    image = _check_image(image)
+    views = torch.empty((len(params), 3, size, size), dtype=torch.uint8, device=image.device)
+    for index, view_params in enumerate(params):
+        views[index] = _render_tensor(image, view_params, size, cfg)
+    return views
+
+
+def _render_pil(picture: Image.Image, params: ViewParams, size: int, cfg: AugmentationConfig) -> torch.Tensor:
+    """The reference: what torchvision's RandomResizedCrop, RandomHorizontalFlip and RandAugment
+    do to a PIL image given these parameters; erasing on the uint8 result, as on a tensor."""
+    _check_crop(params, picture.height, picture.width)
+    view = pil_ops.resized_crop(
+        picture, *params.crop, [size, size], interpolation=InterpolationMode(cfg.random_resized_crop.interpolation)
+    )
+    if params.flip:
+        view = pil_ops.hflip(view)
+    view = _rand_augment(view, params, size, cfg)
+    pixels = torch.from_numpy(np.array(view, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+    return _erase(pixels, params, size, cfg)
+
+
+def _render_tensor(image: torch.Tensor, params: ViewParams, size: int, cfg: AugmentationConfig) -> torch.Tensor:
+    _check_crop(params, image.shape[1], image.shape[2])
+    view = tensor_ops.resized_crop(
         image,
-        top,
-        left,
-        height,
-        width,
+        *params.crop,
         [size, size],
         interpolation=InterpolationMode(cfg.random_resized_crop.interpolation),
         antialias=True,
     )
-    if (height, width) == (size, size):
+    if params.crop[2:] == (size, size):
         # Nothing was resampled, so `view` is a slice of the caller's image: own it.
         view = view.clone(memory_format=torch.contiguous_format)
     if params.flip:
-        view = F.hflip(view)
+        view = tensor_ops.hflip(view)
+    return _erase(_rand_augment(view, params, size, cfg), params, size, cfg)
+
+
+def _rand_augment(view: Any, params: ViewParams, size: int, cfg: AugmentationConfig) -> Any:
     pixel_scale = size / cfg.random_resized_crop.size
-    if params.rand_augment:
-        interpolation = InterpolationMode(cfg.rand_augment.interpolation)
-        for op, magnitude in params.rand_augment:
-            view = _apply_op(view, RAND_AUGMENT_OPS[op], magnitude, interpolation, pixel_scale)
+    interpolation = InterpolationMode(cfg.rand_augment.interpolation)
+    for op, magnitude in params.rand_augment or ():
+        view = _apply_op(view, RAND_AUGMENT_OPS[op], magnitude, interpolation, pixel_scale)
+    return view
+
+
+def _erase(view: torch.Tensor, params: ViewParams, size: int, cfg: AugmentationConfig) -> torch.Tensor:
     if params.erase is not None:
+        pixel_scale = size / cfg.random_resized_crop.size
         top, left, height, width = (int(round(v * pixel_scale)) for v in params.erase)
         view[:, top : top + height, left : left + width] = 0
     return view

@@ -94,7 +94,7 @@ class ModelWorker:
 
     def model_inputs(self, batch: ViewBatch, clock: StageClock) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         """The batch's views and captioner centre views on the device, copied there once for every
-        model ("to_device"), or rendered there from the originals ("augment", same renderer)."""
+        model ("to_device"), or rendered there from the originals ("augment", augment.render_views_tensor)."""
         pin = self.job.resources.pin_memory
         if batch.originals is None:
             with clock.stage("to_device"):
@@ -104,7 +104,9 @@ class ModelWorker:
         with clock.stage("augment"):
             caption_sizes = caption_input_sizes({"captioners": [c.card.to_dict() for c in self.captioners]})
             rendered = [
-                render_model_inputs(views_to_device(image, self.device, pin), params, caption_sizes, augmentation)
+                render_model_inputs(
+                    views_to_device(image, self.device, pin), params, caption_sizes, augmentation, on_device=True
+                )
                 for image, params in zip(batch.originals, batch.view_params or [])
             ]
             caption_views = {size: torch.stack([r[1][size] for r in rendered]) for size in caption_sizes}

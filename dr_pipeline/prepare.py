@@ -15,7 +15,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from dr_pipeline.augment import ViewParams, center_view_params, render_view, render_views, sample_views
+from dr_pipeline.augment import ViewParams, center_view_params, render_views, render_views_tensor, sample_views
 from dr_pipeline.config import AugmentationConfig, JobConfig
 from dr_pipeline.decode import ImageRejected, decode_image
 from dr_pipeline.inputs import InputFailure, RawSample, iter_shard
@@ -71,13 +71,19 @@ def caption_input_sizes(cards: dict[str, Any]) -> tuple[int, ...]:
 
 
 def render_model_inputs(
-    pixels: torch.Tensor, params: list[ViewParams], caption_sizes: tuple[int, ...], cfg: AugmentationConfig
+    pixels: torch.Tensor,
+    params: list[ViewParams],
+    caption_sizes: tuple[int, ...],
+    cfg: AugmentationConfig,
+    on_device: bool = False,
 ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
-    """One decoded image rendered for the models, on the image's device: a teacher view per
-    params, and the unaugmented centre view at each captioner input size."""
-    views = render_views(pixels, params, cfg.random_resized_crop.size, cfg)
+    """One decoded image rendered for the models: a teacher view per params, and the unaugmented
+    centre view at each captioner input size. By the reference PIL renderer on the CPU, or with
+    `on_device` by the tensor renderer on the image's device (augment.py)."""
+    render = render_views_tensor if on_device else render_views
+    views = render(pixels, params, cfg.random_resized_crop.size, cfg)
     center = center_view_params(int(pixels.shape[1]), int(pixels.shape[2]))
-    return views, {size: render_view(pixels, center, size, cfg) for size in caption_sizes}
+    return views, {size: render(pixels, [center], size, cfg)[0] for size in caption_sizes}
 
 
 @dataclass
