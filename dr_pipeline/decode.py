@@ -10,10 +10,20 @@ Untrusted bytes, so:
   still runs at open, and an image over twice that is rejected as too large
   even when max_pixels would allow it.
 
-Colour: EXIF orientation is applied (crop boxes are in upright pixels);
-transparency is composited on white, as img2dataset does when it re-encodes
-downloaded images (DataComp, LAION); 16-bit and 32-bit integer greys are scaled
-from 0..65535 to 0..255; float greys are read on Pillow's own 0..255 scale.
+The decode rule (part of the dataset contract: the generator, `show`, `verify`,
+`--extend`, the reader's replay and the PyTorch dataset all decode with
+`decode_image`, and the export hands consumers the same pixels):
+1. the first frame of an animation (GIF, APNG, WebP, MPO) is the image;
+2. EXIF orientation is applied (crop boxes are in upright pixels);
+3. transparency (an alpha channel, or a palette or colour-key transparency entry)
+   is composited on white (255, 255, 255), as img2dataset does when it re-encodes
+   downloaded images (DataComp, LAION);
+4. 16-bit and 32-bit integer greys are scaled from 0..65535 to 0..255 (rounded);
+   float greys are read on Pillow's own 0..255 scale;
+5. every other mode (CMYK, YCbCr, LAB, L, 1, P without transparency, ...) goes to
+   8-bit RGB by Pillow's `convert("RGB")` (no ICC colour management).
+Where the result differs from `Image.open(bytes).convert("RGB")`, what training loaders
+do, `normalised_png` gives the image losslessly for the export.
 """
 
 from __future__ import annotations
@@ -22,7 +32,7 @@ import io
 
 import numpy as np
 import torch
-from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from dr_pipeline.inputs import error_summary
 
@@ -72,6 +82,31 @@ def decode_image(data: bytes, max_pixels: int) -> torch.Tensor:
     except Exception as error:  # Pillow's decoders raise many types on malformed data; all mean "bad bytes"
         raise ImageRejected("undecodable_image", error_summary(error)) from None
     return torch.from_numpy(pixels).permute(2, 0, 1).contiguous()
+
+
+def normalised_png(data: bytes, max_pixels: int) -> bytes | None:
+    """The decoded image as a lossless PNG when a plain loader would see other pixels, else None.
+
+    A plain loader is `Image.open(data).convert("RGB")`, or webdataset's "pilrgba" decode
+    then `convert("RGB")` (MobileCLIP's); the image is exported as this PNG when either
+    differs from `decode_image`. Cheap for the common case: an RGB or grey image without
+    transparency or EXIF rotation is plain from its header alone.
+    """
+    with Image.open(io.BytesIO(data), formats=WEB_IMAGE_FORMATS) as image:
+        if image.mode in ("RGB", "L") and not image.has_transparency_data and _orientation(image) == 1:
+            return None
+        image.load()
+        plain = (np.asarray(image.convert("RGB")), np.asarray(image.convert("RGBA").convert("RGB")))
+    pixels = decode_image(data, max_pixels).permute(1, 2, 0).numpy()
+    if all(loaded.shape == pixels.shape and np.array_equal(loaded, pixels) for loaded in plain):
+        return None
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _orientation(image: Image.Image) -> int:
+    return int(image.getexif().get(ExifTags.Base.Orientation, 1))
 
 
 def _rgb_array(image: Image.Image) -> np.ndarray:

@@ -8,8 +8,13 @@ patch). DEST gets one tar per unit, `UNIT.tar`, whose samples have the members
     syn.json    {"syn_text": [S synthetic captions, captioners in order]}
     paug.json   {"param_aug": K x [[top, left, height, width], [[op, magnitude], ...] or null]}
     npz         image_emb [K, sum D], text_emb [1 + S, sum D]: teachers concatenated in order
-    json        {"uid": source key, "sha256": of the original image}
-    jpg|png|... the original image, unless images=False (then join by uid, as DataCompDR does)
+    json        {"uid": the sample's uid, "sha256": of the original image}, plus
+                "normalised_image": "png" when the image member is the normalised one
+    jpg|png|... the original image, unless images=False (then join by uid, as DataCompDR does);
+                where the original does not decode by `Image.open(...).convert("RGB")` (what
+                the loader does) to the pixels the teachers saw (decode.py's rule: EXIF
+                rotation, transparency on white, 16-bit greys), the decoded image as a
+                lossless `png` instead, counted in the summary's `normalised_images`
 
 plus `config.json` (teachers and augmentation, shaped like Apple's datacompdr12m.json:
 that loader reads `reinforce.image_augmentation` from it) and `sizes.json` (samples per
@@ -31,6 +36,7 @@ from typing import Any, Callable
 import numpy as np
 import webdataset as wds
 
+from dr_pipeline.decode import normalised_png
 from dr_pipeline.errors import DatasetError
 from dr_pipeline.reader import ReinforcedDataset
 from dr_pipeline.replay import dataset_job, unit_rows_with_images
@@ -44,6 +50,7 @@ class ExportSummary:
     dest: str
     units: int = 0
     samples: int = 0
+    normalised_images: int = 0  # images written as their decoded PNG (decode.normalised_png)
 
 
 def datacompdr_problems(dataset: ReinforcedDataset) -> list[str]:
@@ -125,7 +132,8 @@ def _json(value: Any) -> bytes:
 
 
 def datacompdr_members(dataset: ReinforcedDataset, row: dict[str, Any], with_image: bool) -> dict[str, bytes]:
-    """The tar members of one sample (without the key)."""
+    """The tar members of one sample (without the key); the image member is the decoded
+    image as PNG where a plain loader would see other pixels than the teachers did."""
     layout = dataset.layout
     # npz has no bfloat16; int8 rows times their scale keep all their precision in float16
     npz_dtype = np.float16 if layout.embedding_dtype in ("float16", "int8") else np.float32
@@ -139,10 +147,16 @@ def datacompdr_members(dataset: ReinforcedDataset, row: dict[str, Any], with_ima
             "image_emb": np.concatenate([row[t.image_column] for t in layout.teachers], axis=1).astype(npz_dtype),
             "text_emb": np.concatenate([row[t.text_column] for t in layout.teachers], axis=1).astype(npz_dtype),
         }),
-        "json": _json({"uid": row["source_key"], "sha256": row["image_sha256"]}),
     }
+    sample_json = {"uid": row["uid"], "sha256": row["image_sha256"]}
     if with_image:
-        members[row["image_format"]] = row["image"]
+        normalised = normalised_png(row["image"], dataset_job(dataset).input.max_image_pixels)
+        if normalised is None:
+            members[row["image_format"]] = row["image"]
+        else:
+            members["png"] = normalised
+            sample_json["normalised_image"] = "png"
+    members["json"] = _json(sample_json)
     return members
 
 
@@ -173,8 +187,10 @@ def export_datacompdr(
         with dest.open_atomic(name) as sink:
             tar = wds.TarWriter(sink, encoder=False, mtime=0)
             for row in rows:
-                tar.write({"__key__": row["key"], **datacompdr_members(dataset, row, images)})
+                members = datacompdr_members(dataset, row, images)
+                tar.write({"__key__": row["key"], **members})
                 count += 1
+                summary.normalised_images += b'"normalised_image"' in members["json"]
             tar.close()
         sizes[name] = count
         summary.units += 1

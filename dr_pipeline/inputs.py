@@ -43,6 +43,7 @@ PARQUET_IMAGE_COLUMNS = ("jpg", "jpeg", "png", "webp", "image", "img", "image_by
 PARQUET_TEXT_COLUMNS = ("caption", "txt", "text")
 PARQUET_KEY_COLUMNS = ("key", "uid", "__key__")
 PARQUET_URL_COLUMNS = ("url",)
+UID_FIELD = "uid"  # the input's own uid (DataComp's 32-hex): json field or parquet column (schema.sample_uid)
 JSON_KEY_FIELDS = ("uid", "key")
 JSON_TEXT_FIELDS = ("caption", "text")
 
@@ -64,6 +65,7 @@ class RawSample:
     image: bytes | None
     image_format: str | None
     url: str | None
+    uid: str | None = None  # the input's own uid field when it has one (schema.sample_uid)
 
 
 @dataclass
@@ -336,6 +338,7 @@ class _TarLayout:
             image=run.data[image_suffix] if image_suffix else None,
             image_format=_normalise_format(image_suffix) if image_suffix else None,
             url=url if isinstance(url, str) else None,
+            uid=_json_key(meta, (UID_FIELD,)),
         )
 
 
@@ -425,11 +428,13 @@ class _ParquetColumns:
     text: str
     key: str | None
     url: str | None
+    uid: str | None
 
     @classmethod
     def resolve(cls, schema: pa.Schema, config: InputConfig) -> _ParquetColumns:
         names = schema.names
         columns = cls(
+            uid=UID_FIELD if UID_FIELD in names else None,
             image=_pick_column(names, config.image_column, PARQUET_IMAGE_COLUMNS, "image", required=True),
             text=_pick_column(names, config.text_column, PARQUET_TEXT_COLUMNS, "text", required=True),
             key=_pick_column(names, config.key_column, PARQUET_KEY_COLUMNS, "key", required=False),
@@ -452,7 +457,7 @@ class _ParquetColumns:
 
     @property
     def selected(self) -> list[str]:
-        return list(dict.fromkeys(name for name in (self.image, self.text, self.key, self.url) if name))
+        return list(dict.fromkeys(name for name in (self.image, self.text, self.key, self.url, self.uid) if name))
 
 
 def _pick_column(
@@ -503,6 +508,7 @@ def _iter_parquet(file: _StorageErrorTrap, shard: str, config: InputConfig) -> I
             for index in range(batch.num_rows):
                 key = values[columns.key][index] if columns.key else None
                 url = values[columns.url][index] if columns.url else None
+                uid = values[columns.uid][index] if columns.uid else None
                 image = _image_bytes(values[columns.image][index])
                 text = values[columns.text][index]
                 yield RawSample(
@@ -511,6 +517,7 @@ def _iter_parquet(file: _StorageErrorTrap, shard: str, config: InputConfig) -> I
                     image=image,
                     image_format=sniff_image_format(image) if image is not None else None,
                     url=url if isinstance(url, str) else None,
+                    uid=_json_key({UID_FIELD: uid}, (UID_FIELD,)),
                 )
             row += batch.num_rows
     except (pa.ArrowException, OSError) as error:

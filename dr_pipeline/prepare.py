@@ -19,7 +19,7 @@ from dr_pipeline.augment import ViewParams, center_view_params, render_views, re
 from dr_pipeline.config import AugmentationConfig, JobConfig
 from dr_pipeline.decode import ImageRejected, decode_image
 from dr_pipeline.inputs import InputFailure, RawSample, iter_shard
-from dr_pipeline.schema import safe_key
+from dr_pipeline.schema import safe_key, sample_uid
 from dr_pipeline.timing import StageClock
 
 
@@ -29,6 +29,7 @@ class PreparedSample:
 
     key: str
     source_key: str
+    uid: str  # schema.sample_uid
     url: str | None
     text: str
     image: bytes | None
@@ -170,6 +171,7 @@ def prepare_unit(
             batch.failures.append(failure_record(item.source_key, rejected.reason, rejected.detail))
             continue
         height, width = int(pixels.shape[1]), int(pixels.shape[2])
+        image_sha256 = hashlib.sha256(item.image).hexdigest()
         with clock.stage("augment"):
             params = sample_views(job.seed, key, height, width, cfg)
             batch.add_views(pixels, params, caption_sizes, cfg)
@@ -177,13 +179,14 @@ def prepare_unit(
             PreparedSample(
                 key=key,
                 source_key=item.source_key,
+                uid=sample_uid(item.uid, item.source_key, image_sha256),
                 url=item.url,
                 text=item.text,
                 image=item.image if job.output.keep_images else None,
                 image_format=item.image_format or "unknown",
                 height=height,
                 width=width,
-                image_sha256=hashlib.sha256(item.image).hexdigest(),
+                image_sha256=image_sha256,
                 views=params,
             )
         )

@@ -83,6 +83,7 @@ class ReinforcedDataset:
         for name in self.layout.embedding_shapes():
             row[name] = from_storage(row[name], dtype, row.pop(scales[name]) if name in scales else None)
         row["aug"] = [ViewParams.from_record(r) for r in row["aug"]]
+        row.setdefault("uid", row["source_key"])  # before schema 1.2, what the export wrote as uid
         return row
 
 

@@ -51,6 +51,15 @@ def safe_key(source_key: str) -> str:
     return f"{readable}-{digest}" if readable else f"k-{digest}"
 
 
+def sample_uid(input_uid: str | None, source_key: str, image_sha256: str) -> str:
+    """The one uid rule, whatever the input format: the input's own uid field when it has one
+    (DataComp's 32-hex uid), else the first 32 hex digits of sha256(source key, newline, image
+    sha256): stable across reruns and shardings, distinct for distinct images under one key."""
+    if input_uid:
+        return input_uid
+    return hashlib.sha256(f"{source_key}\n{image_sha256}".encode("utf-8", "surrogatepass")).hexdigest()[:32]
+
+
 def check_schema_version(version: str) -> None:
     """Refuse a dataset whose schema major version this dr-gen does not know."""
     major = str(version).split(".")[0]
@@ -130,6 +139,10 @@ class DatasetLayout:
     embedding_dtype: str
     teachers: tuple[TeacherColumns, ...]
     captioners: tuple[CaptionerColumns, ...] = field(default_factory=tuple)
+    uid_column: bool = True  # False for datasets written before schema 1.2
+
+    def _has(self, field_name: str) -> bool:
+        return self.uid_column or field_name != "uid"
 
     @property
     def num_texts(self) -> int:
@@ -169,7 +182,7 @@ class DatasetLayout:
     def arrow_schema(self) -> pa.Schema:
         spec = schemas.load_spec()
         base = {"num_views": self.num_views, "dtype": spec["embedding_dtypes"][self.embedding_dtype]["arrow"]}
-        fields = [arrow_field(f, base) for f in spec["fields"]]
+        fields = [arrow_field(f, base) for f in spec["fields"] if self._has(f["name"])]
         for teacher in self.teachers:
             variables = {**base, "id": teacher.id, "dim": teacher.dim, "num_texts": self.num_texts}
             for template in spec["teacher_fields"]:
@@ -210,7 +223,7 @@ class DatasetLayout:
                 variables = {"id": id_, "image_format": "{image_format}"}
                 members.append({
                     "suffix": _fill(member["suffix"], variables),
-                    "fields": [_fill(f, variables) for f in member["fields"]],
+                    "fields": [_fill(f, variables) for f in member["fields"] if self._has(f)],
                     "encoding": member["encoding"],
                 })
         return members
@@ -222,6 +235,7 @@ class DatasetLayout:
             "embedding_dtype": self.embedding_dtype,
             "teachers": [asdict(t) for t in self.teachers],
             "captioners": [asdict(c) for c in self.captioners],
+            "uid_column": self.uid_column,
         }
 
     @classmethod
@@ -231,6 +245,7 @@ class DatasetLayout:
             embedding_dtype=data["embedding_dtype"],
             teachers=tuple(TeacherColumns(**t) for t in data["teachers"]),
             captioners=tuple(CaptionerColumns(**c) for c in data["captioners"]),
+            uid_column=data.get("uid_column", False),
         )
 
 

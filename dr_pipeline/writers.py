@@ -31,6 +31,7 @@ def unit_columns(samples: list[PreparedSample], result: BatchResult, layout: Dat
     columns: dict[str, Any] = {
         "key": [s.key for s in samples],
         "source_key": [s.source_key for s in samples],
+        "uid": [s.uid for s in samples],
         "url": [s.url for s in samples],
         "text": [s.text for s in samples],
         "image": [s.image for s in samples],

@@ -9,6 +9,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
+import torchvision.transforms.functional as pil_ops
 import torchvision.transforms.v2.functional as F
 from torchvision.transforms import InterpolationMode
 
@@ -18,10 +19,12 @@ from dr_pipeline.augment import (
     center_view_params,
     render_view,
     render_views,
+    render_views_tensor,
     sample_view_params,
     sample_views,
 )
 from dr_pipeline.config import AugmentationConfig
+from dr_pipeline.fidelity import to_picture
 from schemas import load_spec
 
 VIEW = 64  # a small view size keeps rendering tests fast
@@ -339,24 +342,25 @@ OP_MAGNITUDES = {
 }
 
 
-def _torchvision_op(view: torch.Tensor, name: str, magnitude: float, interpolation: InterpolationMode) -> torch.Tensor:
-    """The op as torchvision's RandAugment defines it, called directly."""
+def _torchvision_op(view, name: str, magnitude: float, interpolation: InterpolationMode, ops=F):
+    """The op as torchvision's RandAugment defines it, called directly: `ops` is the functional
+    module (v1 on PIL images, the reference; v2 on tensors)."""
     shear_angle = math.degrees(math.atan(magnitude))
     calls = {
         "Identity": lambda: view,
-        "ShearX": lambda: F.affine(view, 0.0, [0, 0], 1.0, [shear_angle, 0.0], interpolation, center=[0, 0]),
-        "ShearY": lambda: F.affine(view, 0.0, [0, 0], 1.0, [0.0, shear_angle], interpolation, center=[0, 0]),
-        "TranslateX": lambda: F.affine(view, 0.0, [int(magnitude), 0], 1.0, [0.0, 0.0], interpolation),
-        "TranslateY": lambda: F.affine(view, 0.0, [0, int(magnitude)], 1.0, [0.0, 0.0], interpolation),
-        "Rotate": lambda: F.rotate(view, magnitude, interpolation),
-        "Brightness": lambda: F.adjust_brightness(view, 1 + magnitude),
-        "Color": lambda: F.adjust_saturation(view, 1 + magnitude),
-        "Contrast": lambda: F.adjust_contrast(view, 1 + magnitude),
-        "Sharpness": lambda: F.adjust_sharpness(view, 1 + magnitude),
-        "Posterize": lambda: F.posterize(view, int(magnitude)),
-        "Solarize": lambda: F.solarize(view, magnitude),
-        "AutoContrast": lambda: F.autocontrast(view),
-        "Equalize": lambda: F.equalize(view),
+        "ShearX": lambda: ops.affine(view, 0.0, [0, 0], 1.0, [shear_angle, 0.0], interpolation, center=[0, 0]),
+        "ShearY": lambda: ops.affine(view, 0.0, [0, 0], 1.0, [0.0, shear_angle], interpolation, center=[0, 0]),
+        "TranslateX": lambda: ops.affine(view, 0.0, [int(magnitude), 0], 1.0, [0.0, 0.0], interpolation),
+        "TranslateY": lambda: ops.affine(view, 0.0, [0, int(magnitude)], 1.0, [0.0, 0.0], interpolation),
+        "Rotate": lambda: ops.rotate(view, magnitude, interpolation),
+        "Brightness": lambda: ops.adjust_brightness(view, 1 + magnitude),
+        "Color": lambda: ops.adjust_saturation(view, 1 + magnitude),
+        "Contrast": lambda: ops.adjust_contrast(view, 1 + magnitude),
+        "Sharpness": lambda: ops.adjust_sharpness(view, 1 + magnitude),
+        "Posterize": lambda: ops.posterize(view, int(magnitude)),
+        "Solarize": lambda: ops.solarize(view, magnitude),
+        "AutoContrast": lambda: ops.autocontrast(view),
+        "Equalize": lambda: ops.equalize(view),
     }
     return calls[name]()
 
@@ -364,16 +368,21 @@ def _torchvision_op(view: torch.Tensor, name: str, magnitude: float, interpolati
 @pytest.mark.parametrize("interpolation", ["nearest", "bilinear"])
 @pytest.mark.parametrize("name", RAND_AUGMENT_OPS)
 def test_each_op_renders_as_torchvision_does(name, interpolation):
+    """The CPU renderer is torchvision's PIL path; the accelerator renderer its tensor path."""
     cfg = make_cfg(random_resized_crop={"size": VIEW}, rand_augment={"interpolation": interpolation})
     op = (RAND_AUGMENT_OPS.index(name), OP_MAGNITUDES[name])
     params = ViewParams(crop=CROP, flip=True, rand_augment=(op,), erase=None)
-    view = F.resized_crop(IMAGE, *CROP, [VIEW, VIEW], interpolation=InterpolationMode.BICUBIC, antialias=True)
-    expected = _torchvision_op(F.hflip(view), name, OP_MAGNITUDES[name], InterpolationMode(interpolation))
+    mode = InterpolationMode(interpolation)
+    picture = pil_ops.resized_crop(to_picture(IMAGE), *CROP, [VIEW, VIEW], interpolation=InterpolationMode.BICUBIC)
+    expected = pil_ops.pil_to_tensor(_torchvision_op(pil_ops.hflip(picture), name, OP_MAGNITUDES[name], mode, pil_ops))
     rendered = render_view(IMAGE, params, VIEW, cfg)
     assert rendered.dtype == torch.uint8 and rendered.shape == (3, VIEW, VIEW)
     assert torch.equal(rendered, expected)
     if name != "Identity":
-        assert not torch.equal(rendered, F.hflip(view))
+        assert not torch.equal(rendered, pil_ops.pil_to_tensor(pil_ops.hflip(picture)))
+    view = F.resized_crop(IMAGE, *CROP, [VIEW, VIEW], interpolation=InterpolationMode.BICUBIC, antialias=True)
+    tensor_expected = _torchvision_op(F.hflip(view), name, OP_MAGNITUDES[name], mode)
+    assert torch.equal(render_views_tensor(IMAGE, [params], VIEW, cfg)[0], tensor_expected)
 
 
 def test_ops_do_what_their_names_say():
@@ -400,7 +409,7 @@ def test_crop_and_resize_use_the_configured_interpolation():
     for interpolation in ("bicubic", "bilinear", "nearest"):
         cfg = make_cfg(random_resized_crop={"size": VIEW, "interpolation": interpolation})
         mode = InterpolationMode(interpolation)
-        expected = F.resized_crop(IMAGE, *CROP, [VIEW, VIEW], interpolation=mode, antialias=True)
+        expected = pil_ops.pil_to_tensor(pil_ops.resized_crop(to_picture(IMAGE), *CROP, [VIEW, VIEW], interpolation=mode))
         assert torch.equal(render_view(IMAGE, ViewParams(CROP, False, None, None), VIEW, cfg), expected)
 
 

@@ -162,9 +162,9 @@ def test_tar_keys_captions_and_images_follow_img2dataset_conventions():
     ]  # fmt: skip
     read = read_all(put(memory_url("s.tar"), tar_bytes(members, directories=("subdir",))))
     assert read == [
-        RawSample("uid-a", "caption a", b"A-JPG", "jpg", "https://x/a.jpg"),
+        RawSample("uid-a", "caption a", b"A-JPG", "jpg", "https://x/a.jpg", uid="uid-a"),
         RawSample("key-b", "json caption b", b"B", "jpg", None),
-        RawSample("1234", "json text c", b"C", "webp", None),
+        RawSample("1234", "json text c", b"C", "webp", None, uid="1234"),
         RawSample("d", "  ", b"D", "png", None),
         RawSample("e", "", None, None, None),
         RawSample("f", "café \ufffd", b"F", "jpg", None),
@@ -182,7 +182,7 @@ def test_tar_members_and_json_fields_can_be_named_in_the_config():
         image_column="webp", text_column="alt", key_column="id", url_column="src",
     )  # fmt: skip
     assert read == [
-        RawSample("custom-id", "alt caption", b"WEBP", "webp", "https://x/a"),
+        RawSample("custom-id", "alt caption", b"WEBP", "webp", "https://x/a", uid="u"),
         RawSample("b", None, None, None, None),
     ]
 
@@ -356,9 +356,9 @@ def test_parquet_hugging_face_image_struct_and_row_keys_across_batches():
     table = pa.table({"image": images, "text": [f"caption {i}" for i in range(rows)], "uid": list(range(rows))})
     read = read_all(parquet_url(table, row_group_size=250))
     assert len(read) == rows
-    assert read[0] == RawSample("0", "caption 0", b"\xff\xd8\xff\x00", "jpg", None)
+    assert read[0] == RawSample("0", "caption 0", b"\xff\xd8\xff\x00", "jpg", None, uid="0")
     assert read[5].image is None and read[5].source_key == "5"
-    assert read[599] == RawSample("599", "caption 599", b"\xff\xd8\xff\x57", "jpg", None)
+    assert read[599] == RawSample("599", "caption 599", b"\xff\xd8\xff\x57", "jpg", None, uid="599")
 
 
 def test_parquet_without_usable_columns_is_one_unreadable_failure():

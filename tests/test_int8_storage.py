@@ -99,7 +99,7 @@ def test_int8_datasets_validate(int8_runs):
 
 def test_stored_as_int8_with_scales_and_read_as_float32_close_to_float16(int8_runs):
     dataset, reference = open_dataset(int8_runs["arrow"]), open_dataset(int8_runs["float16"])
-    assert dataset.manifest["schema_version"] == "1.1" and dataset.layout.embedding_dtype == "int8"
+    assert dataset.manifest["schema_version"] == "1.2" and dataset.layout.embedding_dtype == "int8"
     table = pq.read_table(f"{int8_runs['arrow']}/{dataset.units[0]['files']['data']['path']}")
     assert table.schema.field("image_emb_tiny_vit_32").type == pa.list_(pa.list_(pa.int8(), 64), 3)
     assert table.schema.field("text_emb_tiny_vit_32_scale").type == pa.list_(pa.float32(), 3)

@@ -1,5 +1,7 @@
 """Schema v1 as data: Arrow types, webdataset members, keys, storage dtypes, version checks."""
 
+import hashlib
+
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -14,6 +16,7 @@ from dr_pipeline.schema import (
     check_schema_version,
     from_storage,
     safe_key,
+    sample_uid,
     to_storage,
 )
 
@@ -35,7 +38,25 @@ def test_arrow_schema_instantiates_templates():
     aug = schema.field("aug").type.value_type
     assert [aug.field(i).name for i in range(aug.num_fields)] == ["crop", "flip", "rand_augment", "erase"]
     assert not schema.field("key").nullable and schema.field("url").nullable
-    assert schema.metadata[b"dr_gen.schema_version"] == b"1.1"
+    assert schema.metadata[b"dr_gen.schema_version"] == b"1.2"
+    assert schema.names.index("uid") == schema.names.index("source_key") + 1 and not schema.field("uid").nullable
+
+
+def test_layouts_before_schema_1_2_have_no_uid_column():
+    """A 1.0/1.1 manifest's layout has no uid_column: its files are read and validated without one."""
+    old = DatasetLayout.from_dict({k: v for k, v in LAYOUT.to_dict().items() if k != "uid_column"})
+    assert "uid" not in old.arrow_schema().names and "uid" in LAYOUT.arrow_schema().names
+    json_member = old.webdataset_members(keep_images=False)[0]
+    assert json_member["suffix"] == "json" and "uid" not in json_member["fields"]
+    assert "uid" in LAYOUT.webdataset_members(keep_images=False)[0]["fields"]
+    assert DatasetLayout.from_dict(LAYOUT.to_dict()) == LAYOUT
+
+
+def test_uid_is_the_inputs_own_else_derived_from_key_and_image():
+    assert sample_uid("0f3c9a", "000001", "ab" * 32) == "0f3c9a"
+    derived = sample_uid(None, "000001", "ab" * 32)
+    assert derived == hashlib.sha256(("000001\n" + "ab" * 32).encode()).hexdigest()[:32]
+    assert sample_uid("", "000001", "ab" * 32) == derived != sample_uid(None, "000001", "cd" * 32)
 
 
 def test_bfloat16_is_stored_as_raw_bits():
