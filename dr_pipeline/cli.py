@@ -237,6 +237,12 @@ def export(
 
     summary = _guarded(write)
     console.print(f"{summary.dest}: {summary.units} tars, {summary.samples} samples ({export_format.value})")
+    if summary.normalised_images:
+        console.print(
+            f"{summary.normalised_images} images written as their decoded PNG (EXIF rotation, transparency, "
+            "bit depth: what the teachers saw differs from a plain decode of the original); their json says "
+            '"normalised_image": "png"', highlight=False,
+        )
 
 
 @app.command()

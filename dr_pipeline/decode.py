@@ -23,7 +23,7 @@ The decode rule (part of the dataset contract: the generator, `show`, `verify`,
 5. every other mode (CMYK, YCbCr, LAB, L, 1, P without transparency, ...) goes to
    8-bit RGB by Pillow's `convert("RGB")` (no ICC colour management).
 Where the result differs from `Image.open(bytes).convert("RGB")`, what training loaders
-do, `normalised_png` gives the image losslessly for the export.
+do (`differs_from_plain_decode`), the export writes `normalised_png` instead of the original.
 """
 
 from __future__ import annotations
@@ -84,24 +84,26 @@ def decode_image(data: bytes, max_pixels: int) -> torch.Tensor:
     return torch.from_numpy(pixels).permute(2, 0, 1).contiguous()
 
 
-def normalised_png(data: bytes, max_pixels: int) -> bytes | None:
-    """The decoded image as a lossless PNG when a plain loader would see other pixels, else None.
+def differs_from_plain_decode(data: bytes, max_pixels: int) -> bool:
+    """Whether a plain loader sees other pixels than `decode_image` gives.
 
     A plain loader is `Image.open(data).convert("RGB")`, or webdataset's "pilrgba" decode
-    then `convert("RGB")` (MobileCLIP's); the image is exported as this PNG when either
-    differs from `decode_image`. Cheap for the common case: an RGB or grey image without
-    transparency or EXIF rotation is plain from its header alone.
+    then `convert("RGB")` (MobileCLIP's). Cheap for the common case: an RGB or grey image
+    without transparency or EXIF rotation is plain from its header alone.
     """
     with Image.open(io.BytesIO(data), formats=WEB_IMAGE_FORMATS) as image:
         if image.mode in ("RGB", "L") and not image.has_transparency_data and _orientation(image) == 1:
-            return None
+            return False
         image.load()
         plain = (np.asarray(image.convert("RGB")), np.asarray(image.convert("RGBA").convert("RGB")))
     pixels = decode_image(data, max_pixels).permute(1, 2, 0).numpy()
-    if all(loaded.shape == pixels.shape and np.array_equal(loaded, pixels) for loaded in plain):
-        return None
+    return not all(loaded.shape == pixels.shape and np.array_equal(loaded, pixels) for loaded in plain)
+
+
+def normalised_png(data: bytes, max_pixels: int) -> bytes:
+    """The image as `decode_image` gives it, encoded losslessly as an RGB PNG."""
     buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG")
+    Image.fromarray(decode_image(data, max_pixels).permute(1, 2, 0).numpy()).save(buffer, format="PNG")
     return buffer.getvalue()
 
 

@@ -13,8 +13,9 @@ patch). DEST gets one tar per unit, `UNIT.tar`, whose samples have the members
     jpg|png|... the original image, unless images=False (then join by uid, as DataCompDR does);
                 where the original does not decode by `Image.open(...).convert("RGB")` (what
                 the loader does) to the pixels the teachers saw (decode.py's rule: EXIF
-                rotation, transparency on white, 16-bit greys), the decoded image as a
-                lossless `png` instead, counted in the summary's `normalised_images`
+                rotation, transparency on white, 16-bit greys), or whose format the
+                loader does not read (gif, bmp, tiff), the decoded image as a lossless
+                `png` instead, counted in the summary's `normalised_images`
 
 plus `config.json` (teachers and augmentation, shaped like Apple's datacompdr12m.json:
 that loader reads `reinforce.image_augmentation` from it) and `sizes.json` (samples per
@@ -36,13 +37,14 @@ from typing import Any, Callable
 import numpy as np
 import webdataset as wds
 
-from dr_pipeline.decode import normalised_png
+from dr_pipeline.decode import differs_from_plain_decode, normalised_png
 from dr_pipeline.errors import DatasetError
 from dr_pipeline.reader import ReinforcedDataset
 from dr_pipeline.replay import dataset_job, unit_rows_with_images
 from dr_pipeline.storage import Location
 
 _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
+LOADER_IMAGE_SUFFIXES = ("jpg", "png", "jpeg", "webp")  # the image members MobileCLIP's loader looks for
 
 
 @dataclass
@@ -150,11 +152,11 @@ def datacompdr_members(dataset: ReinforcedDataset, row: dict[str, Any], with_ima
     }
     sample_json = {"uid": row["uid"], "sha256": row["image_sha256"]}
     if with_image:
-        normalised = normalised_png(row["image"], dataset_job(dataset).input.max_image_pixels)
-        if normalised is None:
+        max_pixels = dataset_job(dataset).input.max_image_pixels
+        if row["image_format"] in LOADER_IMAGE_SUFFIXES and not differs_from_plain_decode(row["image"], max_pixels):
             members[row["image_format"]] = row["image"]
         else:
-            members["png"] = normalised
+            members["png"] = normalised_png(row["image"], max_pixels)
             sample_json["normalised_image"] = "png"
     members["json"] = _json(sample_json)
     return members
