@@ -17,7 +17,7 @@ def _data_files(dataset):
 
 def _assert_row_equal(values, row, layout):
     """`values`: one row as another library returned it (lists or arrays); `row`: dr-gen's reader row."""
-    for name in ("key", "source_key", "url", "text", "image", "image_sha256", "image_height", "image_width"):
+    for name in ("key", "source_key", "uid", "url", "text", "image", "image_sha256", "image_height", "image_width"):
         assert values[name] == row[name], name
     assert [ViewParams.from_record(record) for record in values["aug"]] == row["aug"]
     for captioner in layout.captioners:
