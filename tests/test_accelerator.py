@@ -19,16 +19,18 @@ from dr_pipeline.accelerator import (
 from dr_pipeline.config import TeacherConfig, parse_job
 from dr_pipeline.errors import ConfigError
 from dr_pipeline.model_worker import ModelWorker
-from dr_pipeline.prepare import prepare_unit
+from dr_pipeline.prepare import ViewBatch, prepare_unit
 from dr_pipeline.timing import StageClock
 from teachers import build_teacher
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 GIB, MIB = 2**30, 2**20
-GPU_RENDER_MEAN_ABS_TOLERANCE = 1.0
-"""On CUDA, views rendered on the device differ from the CPU renderer's by float rounding of the
-resampling kernels (grey levels; see README "Performance"); on a CPU device they are identical."""
+ACCELERATOR_VIEW_MEAN_ABS_BOUND = 5.0
+ACCELERATOR_BATCH_MEAN_ABS_BOUND = 1.0
+"""Views rendered on the device (torchvision's tensor kernels) differ from the CPU renderer's (the
+reference PIL path) by the documented bound of README "Fidelity": per view at most
+ACCELERATOR_VIEW_MEAN_ABS_BOUND grey levels on average, a batch much less."""
 
 
 class _OpNames(TorchDispatchMode):
@@ -113,9 +115,11 @@ def test_speed_settings_are_validated_and_leave_the_output_hash(small_job_dict, 
         parse_job({**base, "teachers": [{**base["teachers"][0], "batch_size": 0}]})
 
 
-def test_views_rendered_on_the_model_device_equal_the_cpu_renderer(small_job_dict, sample_shards, tmp_path):
-    """Same sampled parameters, and pixels: identical on a CPU device; on CUDA (when present)
-    within GPU_RENDER_MEAN_ABS_TOLERANCE grey levels on average, max printed."""
+def test_views_rendered_on_the_model_device_stay_within_the_bound_of_the_cpu_renderer(
+    small_job_dict, sample_shards, tmp_path
+):
+    """Same sampled parameters; pixels within the accelerator renderer's documented bound of the
+    reference, on a CPU device and on CUDA (when present), max printed."""
     cpu_job = parse_job(small_job_dict(sample_shards, tmp_path))
     device_job = parse_job(small_job_dict(sample_shards, tmp_path, resources={"render_views_on": "accelerator"}))
     worker = ModelWorker(cpu_job, use_gpu=False)
@@ -129,25 +133,32 @@ def test_views_rendered_on_the_model_device_equal_the_cpu_renderer(small_job_dic
     for device in devices:
         worker.device = device
         views, caption_views = worker.model_inputs(device_batch.view_batch(), StageClock())
-        difference = (views.cpu().int() - torch.from_numpy(reference.views).int()).abs()
+        difference = (views.cpu().int() - torch.from_numpy(reference.views).int()).abs().float()
         caption_difference = (caption_views[caption_sizes[0]].cpu().int()
-                              - torch.from_numpy(reference.caption_views[caption_sizes[0]]).int()).abs()
-        mean = float(difference.float().mean())
-        print(f"{device}: max abs pixel difference {int(difference.max())}, mean {mean:.4f}")
-        if device.type == "cpu":
-            assert int(difference.max()) == 0 and int(caption_difference.max()) == 0
-        else:
-            assert mean <= GPU_RENDER_MEAN_ABS_TOLERANCE
-            assert float(caption_difference.float().mean()) <= GPU_RENDER_MEAN_ABS_TOLERANCE
+                              - torch.from_numpy(reference.caption_views[caption_sizes[0]]).int()).abs().float()
+        per_view = difference.mean(dim=(2, 3, 4))
+        print(f"{device}: max abs pixel difference {int(difference.max())}, mean {float(difference.mean()):.4f}, "
+              f"worst view mean {float(per_view.max()):.4f}")
+        assert float(per_view.max()) <= ACCELERATOR_VIEW_MEAN_ABS_BOUND
+        assert float(difference.mean()) <= ACCELERATOR_BATCH_MEAN_ABS_BOUND
+        assert float(caption_difference.mean()) <= ACCELERATOR_BATCH_MEAN_ABS_BOUND
 
 
-def test_model_worker_embeds_device_rendered_views_as_cpu_rendered_ones(small_job_dict, sample_shards, tmp_path):
+def test_model_worker_embeds_device_rendered_views_as_views_rendered_before(small_job_dict, sample_shards, tmp_path):
+    """Rendering on the device changes where the views are made, not what is embedded: the same
+    embeddings as views rendered beforehand by the same tensor renderer."""
     cpu_job = parse_job(small_job_dict(sample_shards, tmp_path))
     device_job = parse_job(small_job_dict(sample_shards, tmp_path, resources={"render_views_on": "accelerator"}))
     worker = ModelWorker(cpu_job, use_gpu=False)
     caption_sizes = (worker.captioners[0].card.input_size,)
-    cpu_result = worker.process(next(prepare_unit(sample_shards[0], cpu_job, caption_sizes)).view_batch())
-    device_result = worker.process(next(prepare_unit(sample_shards[0], device_job, caption_sizes)).view_batch())
+    device_batch = next(prepare_unit(sample_shards[0], device_job, caption_sizes)).view_batch()
+    views, caption_views = worker.model_inputs(device_batch, StageClock())
+    rendered_before = ViewBatch(
+        keys=device_batch.keys, texts=device_batch.texts, views=views.numpy(),
+        caption_views={size: v.numpy() for size, v in caption_views.items()},
+    )
+    cpu_result = worker.process(rendered_before)
+    device_result = worker.process(device_batch)
     assert device_result.captions == cpu_result.captions
     for teacher in cpu_job.teachers:
         np.testing.assert_array_equal(device_result.image_emb[teacher.id], cpu_result.image_emb[teacher.id])

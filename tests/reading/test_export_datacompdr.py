@@ -11,10 +11,12 @@ import numpy as np
 import pytest
 import torchvision.transforms as T
 import webdataset as wds
+from PIL import Image
 from typer.testing import CliRunner
 
 from dr_pipeline.augment import ViewParams
 from dr_pipeline.cli import app
+from dr_pipeline.decode import decode_image
 from dr_pipeline.export import datacompdr_members, datacompdr_problems, export_datacompdr
 from dr_pipeline.replay import unit_rows_with_images
 
@@ -62,8 +64,13 @@ def test_members_hold_the_source_dataset(generated, exported):
             assert members["url.txt"].decode() == row["url"]
             assert members["txt"].decode() == row["text"]
             assert json.loads(members["syn.json"]) == {"syn_text": row["captions_tiny_coca"]}
-            assert json.loads(members["json"]) == {"uid": row["source_key"], "sha256": row["image_sha256"]}
-            assert hashlib.sha256(members[row["image_format"]]).hexdigest() == row["image_sha256"]
+            sample_json = json.loads(members["json"])
+            assert {k: sample_json[k] for k in ("uid", "sha256")} == {"uid": row["uid"], "sha256": row["image_sha256"]}
+            if sample_json.get("normalised_image") == "png":  # the decoded image, losslessly
+                decoded = np.asarray(Image.open(io.BytesIO(members["png"])).convert("RGB")).transpose(2, 0, 1)
+                np.testing.assert_array_equal(decoded, decode_image(row["image"], 10**8).numpy())
+            else:
+                assert hashlib.sha256(members[row["image_format"]]).hexdigest() == row["image_sha256"]
             param_aug = json.loads(members["paug.json"])["param_aug"]
             assert len(param_aug) == 3
             for entry, view in zip(param_aug, row["aug"]):
