@@ -10,6 +10,7 @@ whether the goal holds (every view <= 0.5 mean abs diff, p99 of max pixel diff <
 
     PYTHONPATH=. python bench/bench_fidelity.py            # >= 2000 pairs
     PYTHONPATH=. python bench/bench_fidelity.py --views 8  # quicker
+    PYTHONPATH=. python bench/bench_fidelity.py --device cuda  # the accelerator renderer on a GPU
 """
 
 from __future__ import annotations
@@ -115,6 +116,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--views", type=int, default=48, help="views sampled per image (job sampler)")
     parser.add_argument("--sweep-images", type=int, default=4, help="images the op x magnitude sweep runs on")
+    parser.add_argument("--device", default="cpu", help="device of the accelerator renderer, e.g. cuda")
     args = parser.parse_args()
     torch.set_num_threads(1)
     cfg = datacompdr_augmentation(args.views)
@@ -127,7 +129,12 @@ def main() -> None:
     sweep_images = ["chelsea.jpg", "grey-128", "gradient-vertical-colour", "color.png", "tiny-3x5-noise"][: args.sweep_images]
     for name in sweep_images:
         pairs += op_sweep(name, images[name].shape[1], images[name].shape[2], cfg)
-    renderers = {"cpu (render_views)": render_views, "accelerator (tensor, cpu)": render_views_tensor}
+    device = torch.device(args.device)
+
+    def on_device(image: torch.Tensor, params: list[ViewParams], size: int, cfg: AugmentationConfig) -> torch.Tensor:
+        return render_views_tensor(image.to(device), params, size, cfg).cpu()
+
+    renderers = {"cpu (render_views)": render_views, f"accelerator (tensor, {device.type})": on_device}
     results = {name: ([], [], []) for name in renderers}
     size = cfg.random_resized_crop.size
     pictures = {name: to_picture(image) for name, image in images.items()}
