@@ -152,7 +152,8 @@ def datacompdr_members(dataset: ReinforcedDataset, row: dict[str, Any], with_ima
     }
     sample_json = {"uid": row["uid"], "sha256": row["image_sha256"]}
     if with_image:
-        max_pixels = dataset_job(dataset).input.max_image_pixels
+        recorded = dataset.manifest["config"]["input"].get("max_image_pixels")  # cheaper than dataset_job per row
+        max_pixels = recorded or dataset_job(dataset).input.max_image_pixels
         if row["image_format"] in LOADER_IMAGE_SUFFIXES and not differs_from_plain_decode(row["image"], max_pixels):
             members[row["image_format"]] = row["image"]
         else:
