@@ -91,8 +91,10 @@ def recipe_job(args: argparse.Namespace, input_urls: list[str], output_url: str)
     if args.tiny:
         data["augmentation"]["num_views"] = 8
     resources = data["resources"]
-    resources.update(actors=1, gpus_per_actor=1 if args.device == "cuda" else 0,
-                     cpu_workers=max(1, (os.cpu_count() or 2) - int(resources["cpus_per_actor"])))
+    cpus = os.cpu_count() or 2
+    actor_cpus = min(resources["cpus_per_actor"], max(1, cpus // 2))  # leave Ray CPUs for the unit tasks
+    resources.update(actors=1, gpus_per_actor=1 if args.device == "cuda" else 0, cpus_per_actor=actor_cpus,
+                     cpu_workers=max(1, cpus - int(actor_cpus)))
     if args.tiny:
         resources["batch_size"] = 4
     return parse_job(data)
