@@ -199,7 +199,8 @@ def measure_sections(job: JobConfig, pool: list[bytes], args: argparse.Namespace
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     started = time.perf_counter()
     worker = ModelWorker(job, use_gpu=device.type == "cuda")
-    figures.add("model load (3 models, this process)", time.perf_counter() - started, "s")
+    figures.add("model load, this process", time.perf_counter() - started, "s",
+                note=f"{len(worker.teachers)} teachers, {len(worker.captioners)} captioner(s)")
     cards = {"captioners": [c.card.to_dict() for c in worker.captioners]}
     sizes, cfg = caption_input_sizes(cards), job.augmentation
     batch = job.resources.batch_size

@@ -30,8 +30,8 @@ def test_calibration_figures_are_measured_and_consistent(tmp_path, small_job_dic
     assert calibration["samples"] > 0 and calibration["seconds"] > 0 and calibration["device"] == "cpu"
     rate = calibration["samples_per_second_per_actor"]
     assert rate == pytest.approx(calibration["samples"] / calibration["seconds"])
-    assert calibration["input_samples"] == report["input"]["samples"] == 20
-    assert calibration["hours"] == pytest.approx(20 / rate / 3600)
+    assert calibration["input_samples"] == report["input"]["samples"] > 8
+    assert calibration["hours"] == pytest.approx(calibration["input_samples"] / rate / 3600)
     assert calibration["hours_unit"] == "actor-hours"
     assert calibration["cost"] == pytest.approx(calibration["hours"] * PRICE)
     assert calibration["estimated_gpu_hours"] == pytest.approx(report["gpu_hours"])
@@ -43,7 +43,7 @@ def test_calibration_is_printed_beside_the_estimate(tmp_path, small_job_dict, sa
     code, out, err = _plan(tmp_path, small_job_dict, sample_shards, "--calibrate", "4", "--price-per-hour", "3")
 
     assert code == 0, err
-    assert "samples/s per actor" in out and "actor-hours for 20 samples, cost" in out
+    assert "samples/s per actor" in out and "actor-hours for" in out and "cost" in out
     assert "measured / estimate" in out
 
 
