@@ -118,10 +118,14 @@ def calibration_lines(calibration: Calibration, gpu_name: str) -> list[str]:
         f"{c.device} in {c.seconds:.1f} s after {c.startup_seconds:.1f} s of start-up: "
         f"{c.samples_per_second_per_actor:.3g} samples/s per actor",
         f"measured: {c.hours:,.4g} {c.hours_unit} for {c.input_samples:,} samples"
-        + (f", cost {c.cost:,.2f} at {c.price_per_hour:g} per hour" if c.cost is not None else ""),
+        + (f", cost {_money(c.cost)} at {c.price_per_hour:g} per hour" if c.cost is not None else ""),
     ]
     if c.estimated_gpu_hours is not None:
         lines.append(f"FLOP estimate: {c.estimated_gpu_hours:,.4g} GPU-hours on {gpu_name}; measured / estimate "
                      f"{c.measured_over_estimated:.3g}" + ("" if c.device == "cuda" else
                                                            " (measured on a CPU: not comparable)"))
     return lines
+
+
+def _money(amount: float) -> str:
+    return f"{amount:,.2f}" if amount >= 1 else f"{amount:.3g}"
