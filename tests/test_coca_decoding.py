@@ -267,8 +267,8 @@ def test_the_same_tokens_as_the_decoder_before_issue_15(sampler, stop_bias):
 
 def test_the_same_tokens_as_before_on_random_weights_running_to_max_length(captioner):
     sampler = SamplerConfig(top_p=0.9, max_length=30, min_length=5)  # the bench's sampler: thousands in the nucleus
-    images = _images(4, seed=8)
-    seeds = [[image * 5 + caption for caption in range(5)] for image in range(4)]
+    images = _images(2, seed=8)
+    seeds = [[image * 3 + caption for caption in range(3)] for image in range(2)]
 
     new = captioner.generate(images, seeds, sampler)
 
@@ -278,10 +278,10 @@ def test_the_same_tokens_as_before_on_random_weights_running_to_max_length(capti
 
 def test_the_same_tokens_as_before_on_a_random_weight_coca_vit_b_32():
     coca = build_captioner(CaptionerConfig(id="coca", spec="open_clip:coca_ViT-B-32"))
-    sampler = SamplerConfig(top_p=0.9, max_length=12, min_length=2)
-    images = _images(2, seed=9)
+    sampler = SamplerConfig(top_p=0.9, max_length=8, min_length=2)
+    images = _images(1, seed=9)
 
-    assert coca.generate(images, SEEDS[:2], sampler) == before.reference_generate(coca, images, SEEDS[:2], sampler)
+    assert coca.generate(images, SEEDS[:1], sampler) == before.reference_generate(coca, images, SEEDS[:1], sampler)
 
 
 before_sort = sampling.choose_tokens_by_sort
