@@ -1,30 +1,57 @@
-"""Captioning throughput: KV-cached decoding against the full-recompute reference.
+"""Captioning throughput: the decoder before issue 15 against the current one, side by side.
 
-Builds a captioner from a spec (default: a random-weight open_clip CoCa, no download),
-decodes one batch with each decoder and prints generated tokens per second and the
-speedup. For open_clip CoCa the cached decoder is ours (teachers/coca_decoding.py); for
-`hf:` captioners it is transformers' generate with the model's own cache, against generate
-without it, both sampling with our seeded sampler. Random weights almost never sample a stop
-token, so every caption runs to --max-length: the worst case for the full-recompute
-decoder, whose cost per step grows with the prefix. Both decoders should emit identical
-captions (their float32 logits differ by ~1e-6, which Gumbel-max sampling absorbs; see
-teachers/sampling.py). On CPU a tiny model's time goes mostly to sampling over the
-vocabulary, not to the decoder.
+Builds a captioner from a spec (default: the tiny random-weight open_clip CoCa, no download),
+decodes the same images and seeds with both decoders and prints captions/s and tokens/s of
+each, the speedup, and how many captions are identical (all of them, or the bench says so).
+"Before" is the frozen copy of the old decoder in tests/captioning_reference.py (a full
+vocabulary sort per step for top_p, a [rows, V] stack of fresh draws per step, one cache
+tensor per layer copied when rows finish); "after" is the captioner's own generate. For `hf:`
+captioners both run transformers' generate, with the old and the new sampler.
 
-    python bench/bench_captioning.py                                      # tiny CoCa, CPU
-    python bench/bench_captioning.py --spec open_clip:coca_ViT-B-32 --device cuda --precision bf16
-    python bench/bench_captioning.py --spec hf:/path/to/model_folder      # e.g. BLIP, GIT
+Random weights almost never sample a stop token, so every caption runs to --max-length, and
+their nearly flat distributions put thousands of tokens in the top_p nucleus: the worst case
+for the sampler.
+
+    python bench/bench_captioning.py                                          # tiny CoCa, CPU
+    python bench/bench_captioning.py --spec open_clip:coca_ViT-B-32 --images 4 --repeats 1
+    python bench/bench_captioning.py --spec open_clip:coca_ViT-L-14 --device cuda --precision bf16
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import sys
 import time
+from pathlib import Path
 
 import torch
 
-from dr_pipeline.config import CaptionerConfig, SamplerConfig
-from teachers import build_captioner
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from dr_pipeline.config import CaptionerConfig, SamplerConfig  # noqa: E402
+from teachers import build_captioner  # noqa: E402
+from tests import captioning_reference as before  # noqa: E402
+
+
+@contextlib.contextmanager
+def old_hf_sampler():
+    """The hf captioner's generate with the sampler of before issue 15."""
+    from teachers import hf_adapter  # noqa: PLC0415
+
+    saved = hf_adapter.choose_tokens, hf_adapter.RowNoise
+    hf_adapter.choose_tokens, hf_adapter.RowNoise = before.choose_tokens, before.RowNoise
+    try:
+        yield
+    finally:
+        hf_adapter.choose_tokens, hf_adapter.RowNoise = saved
+
+
+def decode_before(captioner, images, seeds, sampler):
+    if captioner.card.kind == "hf":
+        with old_hf_sampler():
+            return captioner.generate(images, seeds, sampler)
+    return before.reference_generate(captioner, images, seeds, sampler)
 
 
 def main() -> None:
@@ -36,8 +63,11 @@ def main() -> None:
     parser.add_argument("--top-p", type=float, default=0.9)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per decoder; the best is reported")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     captioner = build_captioner(CaptionerConfig(id="bench", spec=args.spec), device=args.device, precision=args.precision)
     size = captioner.card.input_size
@@ -46,26 +76,28 @@ def main() -> None:
     seeds = [[image * args.captions + caption for caption in range(args.captions)] for image in range(args.images)]
     sampler = SamplerConfig(top_p=args.top_p, max_length=args.max_length, min_length=min(5, args.max_length - 1))
 
-    print(
-        f"{args.spec} on {args.device} ({captioner.precision}): {args.images} images x {args.captions} captions, "
-        f"max_length {args.max_length}, torch threads {torch.get_num_threads()}"
-    )
+    print(f"{args.spec} on {args.device} ({captioner.precision}): {args.images} images x {args.captions} captions, "
+          f"max_length {args.max_length}, top_p {args.top_p}, torch threads {torch.get_num_threads()}")
     results = {}
-    for decoding in ("kv-cache", "full-recompute"):
-        captioner.generate(images[:1], seeds[:1], sampler, decoding=decoding)  # warm-up
-        best = float("inf")
-        for _ in range(args.repeats):
+    decoders = {"before": lambda: decode_before(captioner, images, seeds, sampler),
+                "after": lambda: captioner.generate(images, seeds, sampler)}
+    for _ in range(args.repeats):  # alternate, so both see the same machine load
+        for name, decode in decoders.items():
+            if name not in results:
+                decode_before(captioner, images[:1], seeds[:1], sampler) if name == "before" else \
+                    captioner.generate(images[:1], seeds[:1], sampler)  # warm-up
             start = time.perf_counter()
-            tokens = captioner.generate(images, seeds, sampler, decoding=decoding)
-            best = min(best, time.perf_counter() - start)
-        captions = [caption for rows in tokens for caption in rows]
+            tokens = decode()
+            seconds = time.perf_counter() - start
+            if name not in results or seconds < results[name][1]:
+                results[name] = ([caption for rows in tokens for caption in rows], seconds)
+    for name, (captions, seconds) in results.items():
         count = sum(len(caption) for caption in captions)
-        results[decoding] = (captions, count / best)
-        print(f"  {decoding:>14}: {count} tokens in {best:.3f} s = {count / best:,.0f} tokens/s")
-
-    (cached, cached_rate), (reference, reference_rate) = results["kv-cache"], results["full-recompute"]
-    identical = sum(a == b for a, b in zip(cached, reference))
-    print(f"  speedup {cached_rate / reference_rate:.2f}x; identical captions {identical}/{len(cached)}")
+        print(f"  {name:>6}: {len(captions)} captions, {count} tokens in {seconds:.3f} s = "
+              f"{len(captions) / seconds:,.2f} captions/s, {count / seconds:,.0f} tokens/s")
+    (old, old_seconds), (new, new_seconds) = results["before"], results["after"]
+    identical = sum(a == b for a, b in zip(old, new))
+    print(f"  speedup {old_seconds / new_seconds:.2f}x captions/s; identical captions {identical}/{len(old)}")
 
 
 if __name__ == "__main__":

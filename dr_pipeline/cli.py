@@ -89,18 +89,38 @@ def plan(
     decode_mfu: Optional[float] = typer.Option(None, "--decode-mfu", help="assumed model FLOPs utilisation of caption decoding"),
     count_shards: Optional[int] = typer.Option(None, "--count-shards", min=1, help="shards whose samples are counted"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
+    calibrate_samples: Optional[int] = typer.Option(
+        None, "--calibrate", metavar="N", min=1,
+        help="also run the first N samples through the real pipeline here and scale the measured rate to the input",
+    ),
+    price_per_hour: Optional[float] = typer.Option(
+        None, "--price-per-hour", min=0.0, help="with --calibrate: price of one GPU-hour (actor-hour on a CPU)"),
 ) -> None:
     """Estimate a job before running it: shards, samples, views, forward passes, caption tokens, FLOPs, GPU-hours, bytes."""
     from dr_pipeline.config import load_job
     from dr_pipeline.estimate import plan_job, print_plan
 
+    if price_per_hour is not None and calibrate_samples is None:
+        errors.print("[red]error:[/red] --price-per-hour prices a measured rate: add --calibrate N", highlight=False)
+        raise typer.Exit(2)
     job = _guarded(lambda: load_job(job_file, input_urls=_input_override(input_urls)))
     given = {"gpu": gpu, "tflops": tflops, "mfu": mfu, "decode_mfu": decode_mfu, "counted_shards": count_shards}
     estimate = _guarded(lambda: plan_job(job, **{name: value for name, value in given.items() if value is not None}))
+    calibration = None
+    if calibrate_samples is not None:
+        from dr_pipeline.calibrate import calibrate, calibration_lines
+
+        calibration = _guarded(lambda: calibrate(job, calibrate_samples, estimate.input.samples, estimate.gpu_hours,
+                                                 price_per_hour))
     if as_json:
-        sys.stdout.write(json.dumps(estimate.to_dict(), indent=1) + "\n")
-    else:
-        print_plan(estimate, console)
+        report = estimate.to_dict()
+        if calibration is not None:
+            report["calibration"] = calibration.to_dict()
+        sys.stdout.write(json.dumps(report, indent=1) + "\n")
+        return
+    print_plan(estimate, console)
+    for line in calibration_lines(calibration, estimate.gpu["name"]) if calibration is not None else []:
+        console.print(line, highlight=False, soft_wrap=True)
 
 
 @app.command()

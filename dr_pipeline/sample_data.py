@@ -98,6 +98,11 @@ def write_sample_data(dest: str, num_shards: int = 3, copies: int = 1) -> list[s
         for copy in range(copies)
         for record in sample_records()
     )
+    return write_tar_shards(dest, records, num_shards)
+
+
+def write_tar_shards(dest: str, records: tuple[SampleRecord, ...], num_shards: int) -> list[str]:
+    """The records split in key order over webdataset tars {dest}/00000.tar ...; returns their URLs."""
     if not 1 <= num_shards <= len(records):
         raise ValueError(f"num_shards must be between 1 and {len(records)}, got {num_shards}")
     fs, root = fsspec.core.url_to_fs(dest)

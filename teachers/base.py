@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from dr_pipeline.accelerator import Acceleration
 from dr_pipeline.config import CaptionPostprocessConfig, SamplerConfig
 from dr_pipeline.seeding import derive_seed
+from teachers.sampling import postprocess_caption
 
 VIEW_RESIZE = "bicubic"
 """How views whose size differs from a model's input size are resized (antialiased, in
@@ -193,3 +194,49 @@ class TwoTowerTeacher:
         self.acceleration = acceleration
         self._image_tower = acceleration.compiled(getattr(self.model, self.IMAGE_METHOD))
         self._text_tower = acceleration.compiled(getattr(self.model, self.TEXT_METHOD))
+
+
+DECODINGS = ("kv-cache", "full-recompute")
+
+
+class SeededCaptioner:
+    """What the built-in captioners share: captions from the token ids of `generate` (given by
+    each adapter), and the checks every generate makes of its arguments."""
+
+    card: CaptionerCard
+    tokenizer: Any
+
+    def generate(
+        self, images: torch.Tensor, seeds: list[list[int]], sampler: SamplerConfig, decoding: str | None = None
+    ) -> list[list[list[int]]]:
+        """Sampled token ids per image and seed, stop token included."""
+        raise NotImplementedError
+
+    def special_tokens(self) -> set[int]:
+        raise NotImplementedError
+
+    def caption_tokens(self, generated: list[int]) -> list[int]:
+        """The ids postprocess_caption sees for one generated row (open_clip puts the start token back)."""
+        return generated
+
+    def caption(
+        self,
+        images: torch.Tensor,
+        seeds: list[list[int]],
+        sampler: SamplerConfig,
+        postprocess: CaptionPostprocessConfig,
+    ) -> list[list[str]]:
+        special = self.special_tokens()
+        return [
+            [postprocess_caption(self.caption_tokens(row), self.tokenizer.decode, special, postprocess) for row in rows]
+            for rows in self.generate(images, seeds, sampler)
+        ]
+
+    def checked_decoding(self, images: torch.Tensor, seeds: list[list[int]], decoding: str | None) -> str:
+        """The decoding to use (the card's unless given); ValueError for a bad argument."""
+        decoding = decoding or self.card.decoding
+        if decoding not in DECODINGS:
+            raise ValueError(f"decoding must be one of {', '.join(DECODINGS)}, got {decoding!r}")
+        if len(seeds) != images.shape[0]:
+            raise ValueError(f"got {images.shape[0]} images but seeds for {len(seeds)}")
+        return decoding

@@ -57,35 +57,45 @@ def _attend(attn: nn.MultiheadAttention, query: torch.Tensor, keys: torch.Tensor
     return attn.out_proj(_merge_heads(out))
 
 
-class _KVCache:
-    """One self-attention layer's keys and values for every live row, sized for the longest caption."""
+class KVCache:
+    """Self-attention keys and values of every layer for every live row, in one tensor allocated
+    at the first step for the longest caption; the live rows are its first rows, so a row that
+    finishes is dropped by moving the rows after it up, with no new allocation."""
 
-    def __init__(self, capacity: int):
+    def __init__(self, layers: int, capacity: int):
+        self.layers = layers
         self.capacity = capacity
-        self.keys: torch.Tensor | None = None
-        self.values: torch.Tensor | None = None
+        self.storage: torch.Tensor | None = None  # [layers, 2 (keys, values), rows, heads, capacity, head_dim]
+        self.rows = 0
 
-    def append(self, keys: torch.Tensor, values: torch.Tensor, position: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store position's [A, H, 1, d] keys/values; return those of positions 0..position."""
-        if self.keys is None:
+    def append(
+        self, layer: int, keys: torch.Tensor, values: torch.Tensor, position: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store position's [A, H, 1, d] keys/values of `layer`; return those of positions 0..position."""
+        if self.storage is None:
             # Allocated on first use so the cache takes the dtype the model runs at (autocast).
-            shape = (keys.shape[0], keys.shape[1], self.capacity, keys.shape[3])
-            self.keys, self.values = keys.new_empty(shape), values.new_empty(shape)
-        self.keys[:, :, position : position + 1] = keys
-        self.values[:, :, position : position + 1] = values
-        return self.keys[:, :, : position + 1], self.values[:, :, : position + 1]
+            rows, heads, _, head_dim = keys.shape
+            self.storage = keys.new_empty((self.layers, 2, rows, heads, self.capacity, head_dim))
+            self.rows = rows
+        cache = self.storage[layer, :, : self.rows]
+        cache[0, :, :, position : position + 1] = keys
+        cache[1, :, :, position : position + 1] = values
+        return cache[0, :, :, : position + 1], cache[1, :, :, : position + 1]
 
     def keep_rows(self, rows: torch.Tensor) -> None:
-        if self.keys is not None:
-            self.keys, self.values = self.keys[rows], self.values[rows]
+        if self.storage is not None:
+            self.storage[:, :, : len(rows)] = self.storage[:, :, rows]
+        self.rows = len(rows)
 
 
-def _self_attention_block(block: ResidualAttentionBlock, x: torch.Tensor, cache: _KVCache, position: int):
+def _self_attention_block(
+    block: ResidualAttentionBlock, x: torch.Tensor, cache: KVCache, layer: int, position: int
+) -> torch.Tensor:
     """ResidualAttentionBlock.forward for one new token under the causal mask."""
     width = x.shape[-1]
     query, key, value = _projection(block.attn, block.ln_1(x), slice(None)).split(width, dim=-1)
     heads = block.attn.num_heads
-    keys, values = cache.append(_split_heads(key, heads), _split_heads(value, heads), position)
+    keys, values = cache.append(layer, _split_heads(key, heads), _split_heads(value, heads), position)
     x = x + block.ls_1(_attend(block.attn, query, keys, values))
     return x + block.ls_2(block.mlp(block.ln_2(x)))
 
@@ -120,27 +130,26 @@ class KVCacheStepper:
             tuple(part[row_image] for part in _image_keys_values(block, image_embs))
             for block in self.decoder.cross_attn
         ]
-        layers = len(self.text.transformer.resblocks) + len(self.decoder.resblocks)
-        self.caches = [_KVCache(capacity) for _ in range(layers)]
+        self.cache = KVCache(len(self.text.transformer.resblocks) + len(self.decoder.resblocks), capacity)
         self.position = 0
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         dtype = self.text.transformer.get_cast_dtype()
         x = self.text.token_embedding(tokens[:, None]).to(dtype)
         x = x + self.text.positional_embedding[self.position].to(dtype)
-        caches = iter(self.caches)
+        layer = 0
         for block in self.text.transformer.resblocks:
-            x = _self_attention_block(block, x, next(caches), self.position)
-        layers = zip(self.decoder.resblocks, self.decoder.cross_attn, self.cross_keys_values)
-        for block, cross, (keys, values) in layers:
-            x = _self_attention_block(block, x, next(caches), self.position)
+            x = _self_attention_block(block, x, self.cache, layer, self.position)
+            layer += 1
+        for block, cross, (keys, values) in zip(self.decoder.resblocks, self.decoder.cross_attn, self.cross_keys_values):
+            x = _self_attention_block(block, x, self.cache, layer, self.position)
             x = _cross_attention_block(cross, x, keys, values)
+            layer += 1
         self.position += 1
         return self.decoder.ln_final(x[:, 0]) @ self.decoder.text_projection
 
     def keep_rows(self, rows: torch.Tensor) -> None:
-        for cache in self.caches:
-            cache.keep_rows(rows)
+        self.cache.keep_rows(rows)
         self.cross_keys_values = [(keys[rows], values[rows]) for keys, values in self.cross_keys_values]
 
 

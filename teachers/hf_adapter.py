@@ -39,11 +39,12 @@ from transformers import (
     ProcessorMixin,
 )
 
-from dr_pipeline.config import CaptionerConfig, CaptionPostprocessConfig, SamplerConfig, TeacherConfig
+from dr_pipeline.config import CaptionerConfig, SamplerConfig, TeacherConfig
 from dr_pipeline.errors import ConfigError
 from teachers.base import (
     VIEW_RESIZE,
     CaptionerCard,
+    SeededCaptioner,
     TeacherCard,
     TwoTowerTeacher,
     error_line,
@@ -53,11 +54,10 @@ from teachers.base import (
     seeded_init,
 )
 from teachers.registry import Role, TeacherKind, register_kind
-from teachers.sampling import RowNoise, choose_tokens, postprocess_caption
+from teachers.sampling import RowNoise, choose_tokens
 from teachers.weights import model_location_problem
 
 KIND = "hf"
-DECODINGS = ("kv-cache", "full-recompute")
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 _PIL_RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
 
@@ -239,7 +239,7 @@ def _keep_only_token_ids(model) -> None:
             )
 
 
-class HfCaptioner:
+class HfCaptioner(SeededCaptioner):
     """Captions from a transformers `generate` with the seeded sampler and the model's KV cache."""
 
     def __init__(self, model, processors, card: CaptionerCard, prompt: str | None, device, precision: str):
@@ -261,18 +261,8 @@ class HfCaptioner:
             inputs = self.image_processor(pictures, return_tensors="pt")
         return {name: value.to(self.device) for name, value in inputs.items()}
 
-    def caption(
-        self,
-        images: torch.Tensor,
-        seeds: list[list[int]],
-        sampler: SamplerConfig,
-        postprocess: CaptionPostprocessConfig,
-    ) -> list[list[str]]:
-        special = set(self.tokenizer.all_special_ids)
-        return [
-            [postprocess_caption(row, self.tokenizer.decode, special, postprocess) for row in rows]
-            for rows in self.generate(images, seeds, sampler)
-        ]
+    def special_tokens(self) -> set[int]:
+        return set(self.tokenizer.all_special_ids)
 
     @torch.inference_mode()
     def generate(
@@ -280,11 +270,7 @@ class HfCaptioner:
     ) -> list[list[list[int]]]:
         """Sampled token ids per image and seed (stop token included, prompt not); decoding
         "full-recompute" runs generate without its KV cache, the reference the cache must match."""
-        decoding = decoding or self.card.decoding
-        if decoding not in DECODINGS:
-            raise ValueError(f"decoding must be one of {', '.join(DECODINGS)}, got {decoding!r}")
-        if len(seeds) != images.shape[0]:
-            raise ValueError(f"got {images.shape[0]} images but seeds for {len(seeds)}")
+        decoding = self.checked_decoding(images, seeds, decoding)
         if not any(seeds):
             return [[] for _ in seeds]
         counts = torch.tensor([len(image_seeds) for image_seeds in seeds])

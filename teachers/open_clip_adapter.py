@@ -24,11 +24,12 @@ import torch
 from open_clip.transformer import MultimodalTransformer
 from torch import nn
 
-from dr_pipeline.config import CaptionerConfig, CaptionPostprocessConfig, SamplerConfig, TeacherConfig
+from dr_pipeline.config import CaptionerConfig, SamplerConfig, TeacherConfig
 from dr_pipeline.errors import ConfigError
 from teachers.base import (
     VIEW_RESIZE,
     CaptionerCard,
+    SeededCaptioner,
     TeacherCard,
     TwoTowerTeacher,
     error_line,
@@ -40,11 +41,10 @@ from teachers.base import (
 from teachers.coca_decoding import FullRecomputeStepper, KVCacheStepper, kv_cache_unsupported
 from teachers.flops import DecoderShape, ModelCost, attentional_pool_flops, text_flops, vit_flops
 from teachers.registry import Role, TeacherKind, register_kind
-from teachers.sampling import postprocess_caption, sample_tokens
+from teachers.sampling import sample_tokens
 from teachers.weights import HF_HUB, HUB_ID, describe_weights, local_weights, weights_problem
 
 KIND = "open_clip"
-DECODINGS = ("kv-cache", "full-recompute")
 
 open_clip.add_model_config(Path(__file__).parent / "model_configs")
 
@@ -274,7 +274,7 @@ def build_open_clip_teacher(rest: str, config: TeacherConfig, device: torch.devi
     return OpenClipTeacher(model, tokenizer, card, device, resolve_precision(precision, device))
 
 
-class OpenClipCaptioner:
+class OpenClipCaptioner(SeededCaptioner):
     """Samples captions from an open_clip CoCa with our own decoding loop (see coca_decoding)."""
 
     def __init__(self, model: nn.Module, tokenizer, card: CaptionerCard, device: torch.device, precision: str):
@@ -287,29 +287,18 @@ class OpenClipCaptioner:
         # open_clip treats sampling the pad id like the end of text.
         self.stop_tokens = (tokenizer.eot_token_id, model.pad_id)
 
-    def caption(
-        self,
-        images: torch.Tensor,
-        seeds: list[list[int]],
-        sampler: SamplerConfig,
-        postprocess: CaptionPostprocessConfig,
-    ) -> list[list[str]]:
-        special = {self.start_token, *self.stop_tokens}
-        return [
-            [postprocess_caption([self.start_token, *row], self.tokenizer.decode, special, postprocess) for row in rows]
-            for rows in self.generate(images, seeds, sampler)
-        ]
+    def special_tokens(self) -> set[int]:
+        return {self.start_token, *self.stop_tokens}
+
+    def caption_tokens(self, generated: list[int]) -> list[int]:
+        return [self.start_token, *generated]
 
     @torch.inference_mode()
     def generate(
         self, images: torch.Tensor, seeds: list[list[int]], sampler: SamplerConfig, decoding: str | None = None
     ) -> list[list[list[int]]]:
         """Sampled token ids per image and seed (stop token included, start token not)."""
-        decoding = decoding or self.card.decoding
-        if decoding not in DECODINGS:
-            raise ValueError(f"decoding must be one of {', '.join(DECODINGS)}, got {decoding!r}")
-        if len(seeds) != images.shape[0]:
-            raise ValueError(f"got {images.shape[0]} images but seeds for {len(seeds)}")
+        decoding = self.checked_decoding(images, seeds, decoding)
         if not any(seeds):
             return [[] for _ in seeds]
         if sampler.max_length > self.card.context_length:

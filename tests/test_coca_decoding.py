@@ -1,4 +1,5 @@
-"""CoCa captioning: our KV-cached decoder against the full-recompute reference, and the
+"""CoCa captioning: our KV-cached decoder against the full-recompute reference and against
+the decoder as it was before issue 15 (tests/captioning_reference.py, frozen), and the
 sampling contract (a caption depends only on image, seed and sampler).
 
 A random-weight CoCa almost never samples a stop token; `_stop_biased` rewires one
@@ -13,10 +14,13 @@ matter only about once per million tokens (see teachers/sampling.py).
 import pytest
 import torch
 
+import captioning_reference as before
+
 from dr_pipeline.config import CaptionerConfig, CaptionPostprocessConfig, SamplerConfig
 from dr_pipeline.errors import ConfigError
 from teachers import build_captioner
 from teachers.coca_decoding import FullRecomputeStepper, KVCacheStepper
+from teachers import sampling
 from teachers.sampling import RowNoise, choose_tokens, postprocess_caption
 
 SPEC = "open_clip:dr-tiny-coca"
@@ -41,6 +45,14 @@ def _stop_biased(stop_token: int, bias: float):
     return captioner
 
 
+SAMPLERS = [
+    (SamplerConfig(top_p=0.9, max_length=16, min_length=2), MIXED_LENGTHS_BIAS),
+    (SamplerConfig(top_p=None, top_k=50, max_length=16, min_length=2), 4.0),
+    (SamplerConfig(top_p=0.95, top_k=500, temperature=0.8, repetition_penalty=1.3, max_length=16, min_length=2), 6.0),
+]
+SAMPLER_IDS = ["top_p", "top_k", "top_k+top_p+temperature+penalty"]
+
+
 @pytest.fixture(scope="module")
 def captioner():
     return build_captioner(CaptionerConfig(id="coca", spec=SPEC))
@@ -51,18 +63,7 @@ def mixed_lengths_captioner():
     return _stop_biased(EOT, MIXED_LENGTHS_BIAS)
 
 
-@pytest.mark.parametrize(
-    ("sampler", "stop_bias"),
-    [
-        (SamplerConfig(top_p=0.9, max_length=16, min_length=2), MIXED_LENGTHS_BIAS),
-        (SamplerConfig(top_p=None, top_k=50, max_length=16, min_length=2), 4.0),
-        (
-            SamplerConfig(top_p=0.95, top_k=500, temperature=0.8, repetition_penalty=1.3, max_length=16, min_length=2),
-            6.0,
-        ),
-    ],
-    ids=["top_p", "top_k", "top_k+top_p+temperature+penalty"],
-)
+@pytest.mark.parametrize(("sampler", "stop_bias"), SAMPLERS, ids=SAMPLER_IDS)
 def test_cached_decoder_emits_the_same_tokens_as_full_recompute(sampler, stop_bias):
     captioner = _stop_biased(EOT, stop_bias)
     images = _images(3)
@@ -251,3 +252,91 @@ def test_each_row_draws_from_its_own_generator():
 
     together.keep_rows(torch.tensor([1, 2]))  # row 3 finished; row 5 continues its own stream
     assert torch.equal(together.draw(6)[0], alone.draw(6)[0])
+
+
+# The decoder before issue 15 (a full sort per step) against the current one, token for token.
+
+
+@pytest.mark.parametrize(("sampler", "stop_bias"), SAMPLERS, ids=SAMPLER_IDS)
+def test_the_same_tokens_as_the_decoder_before_issue_15(sampler, stop_bias):
+    captioner = _stop_biased(EOT, stop_bias)
+    images = _images(3, seed=7)
+
+    assert captioner.generate(images, SEEDS, sampler) == before.reference_generate(captioner, images, SEEDS, sampler)
+
+
+def test_the_same_tokens_as_before_on_random_weights_running_to_max_length(captioner):
+    sampler = SamplerConfig(top_p=0.9, max_length=30, min_length=5)  # the bench's sampler: thousands in the nucleus
+    images = _images(2, seed=8)
+    seeds = [[image * 3 + caption for caption in range(3)] for image in range(2)]
+
+    new = captioner.generate(images, seeds, sampler)
+
+    assert new == before.reference_generate(captioner, images, seeds, sampler)
+    assert all(len(tokens) == 30 for rows in new for tokens in rows)
+
+
+def test_the_same_tokens_as_before_on_a_random_weight_coca_vit_b_32():
+    coca = build_captioner(CaptionerConfig(id="coca", spec="open_clip:coca_ViT-B-32"))
+    sampler = SamplerConfig(top_p=0.9, max_length=8, min_length=2)
+    images = _images(1, seed=9)
+
+    assert coca.generate(images, SEEDS[:1], sampler) == before.reference_generate(coca, images, SEEDS[:1], sampler)
+
+
+before_sort = sampling.choose_tokens_by_sort
+
+
+def _hard_logits(rows: int, vocab: int, generator: torch.Generator) -> torch.Tensor:
+    """Rows that the sort-free nucleus must get right: peaked, flat, nearly flat, quantised to
+    many exact ties, one dominant token, and a few -inf tokens."""
+    scale = torch.tensor([8.0, 0.01, 1.0, 3.0])[torch.arange(rows) % 4, None]
+    logits = torch.randn(rows, vocab, generator=generator) * scale
+    logits[1::5] = (logits[1::5] * 4).round() / 4  # many tokens share each score
+    logits[2::7, 3] = 40.0
+    logits[3::6, :5] = float("-inf")
+    return logits
+
+
+@pytest.mark.parametrize("top_p", [0.05, 0.5, 0.9, 0.999, 1.0])
+@pytest.mark.parametrize("top_k", [None, 3, 200])
+def test_sort_free_nucleus_picks_what_the_sort_picks(top_p, top_k, monkeypatch):
+    generator = torch.Generator().manual_seed(int(top_p * 1000) + (top_k or 0))
+    rows, vocab = 300, 1000
+    logits = _hard_logits(rows, vocab, generator)
+    uniforms = torch.rand(rows, vocab, generator=generator, dtype=torch.float64)
+    history = torch.randint(0, vocab, (rows, 4), generator=generator)
+    sampler = SamplerConfig(top_p=top_p, top_k=top_k, temperature=0.7, repetition_penalty=1.2, min_length=0)
+    by_sort = []
+    monkeypatch.setattr(sampling, "choose_tokens_by_sort",
+                        lambda *args: by_sort.append(len(args[0])) or before_sort(*args))
+
+    tokens = choose_tokens(logits, history, 3, uniforms, sampler, NO_STOPS)
+
+    assert torch.equal(tokens, before.choose_tokens(logits, history, 3, uniforms, sampler, NO_STOPS))
+    assert sum(by_sort) < rows  # most rows were decided without sorting
+
+
+def test_the_sort_decides_rows_whose_nucleus_boundary_is_too_close_to_call():
+    logits = torch.tensor([[0.0, 0.0, 0.0, 0.0], [2.0, 1.0, 0.0, -1.0]])  # row 0: four equal scores
+    uniforms = torch.rand(2, 4, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    sampler = SamplerConfig(top_p=0.5, min_length=0)  # row 0: exactly half the mass before the third token
+    history = torch.zeros(2, 1, dtype=torch.long)
+
+    tokens, decided = sampling._nucleus_by_candidates(
+        logits.double(), logits.double().max(-1, keepdim=True).values, logits.double() - torch.log(-torch.log(uniforms)),
+        sampler.top_p)
+
+    assert decided.tolist() == [False, True]
+    assert torch.equal(choose_tokens(logits, history, 0, uniforms, sampler, NO_STOPS),
+                       before.choose_tokens(logits, history, 0, uniforms, sampler, NO_STOPS))
+
+
+def test_row_noise_draws_what_the_old_row_noise_drew():
+    cpu = torch.device("cpu")
+    new, old = RowNoise([5, 9, 2], cpu), before.RowNoise([5, 9, 2], cpu)
+    assert torch.equal(new.draw(7), old.draw(7))
+    keep = torch.tensor([0, 2])
+    new.keep_rows(keep)
+    old.keep_rows(keep)
+    assert torch.equal(new.draw(7), old.draw(7))

@@ -10,11 +10,13 @@ import pytest
 import torch
 from transformers import AutoModel, AutoProcessor, AutoTokenizer
 
+import captioning_reference as before
 import tiny_hf_models
 from dr_pipeline.config import CaptionerConfig, CaptionPostprocessConfig, SamplerConfig, TeacherConfig
 from dr_pipeline.errors import ConfigError
 from dr_pipeline.seeding import derive_seed
 from teachers import build_captioner, build_teacher, check_spec
+from teachers import hf_adapter
 
 TEXTS = ["a photo of a dog", "two cats on a sofa", "word " * 100]  # the last exceeds every context
 CAPTIONERS = ["blip", "git", "vision_encoder_decoder", "llava"]
@@ -123,6 +125,19 @@ def test_cached_decoder_emits_the_same_tokens_as_full_recompute(folders, name):
     lengths = {len(tokens) for rows in cached for tokens in rows}
     assert len(lengths) > 1  # rows finished at different steps
     assert all(tokens[-1] == tiny_hf_models.SEP for rows in cached for tokens in rows if len(tokens) < 12)
+
+
+@pytest.mark.parametrize("name", ["blip", "git"])
+def test_the_same_tokens_as_the_sampler_before_issue_15(folders, name, monkeypatch):
+    captioner = _captioner(folders, name, stop_bias=4.0)
+    sampler = SamplerConfig(top_p=0.9, temperature=0.9, repetition_penalty=1.2, max_length=12, min_length=2)
+    images = _views(3, seed=5)
+
+    new = captioner.generate(images, SEEDS, sampler)
+    monkeypatch.setattr(hf_adapter, "choose_tokens", before.choose_tokens)
+    monkeypatch.setattr(hf_adapter, "RowNoise", before.RowNoise)
+
+    assert captioner.generate(images, SEEDS, sampler) == new
 
 
 @pytest.mark.parametrize("name", CAPTIONERS)
