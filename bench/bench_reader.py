@@ -39,6 +39,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import ray
 import torch
 import torchvision.transforms.functional as TF
@@ -52,11 +53,12 @@ from torchvision.transforms.autoaugment import _apply_op
 from dr_pipeline.augment import RAND_AUGMENT_OPS
 from dr_pipeline.config import parse_job
 from dr_pipeline.export import export_datacompdr
-from dr_pipeline.reader import ReinforcedDataset, open_dataset
+from dr_pipeline.reader import ROWS_PER_BATCH, ReinforcedDataset, file_batches, open_dataset
 from dr_pipeline.replay import unit_rows_with_images
 from dr_pipeline.runner import run_job
 from dr_pipeline.sample_data import write_sample_data
 from dr_pipeline.torch_dataset import ReinforcedTorchDataset
+from dr_pipeline.writers import ROW_GROUP_ROWS, dictionary_columns
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -195,6 +197,25 @@ def samples_mobileclip(path: MobileClipLoaderPath) -> Callable[[int], int]:
     return lambda epoch: sum(len(batch[0]) for batch in path.batches(epoch))
 
 
+def parquet_encodings(dataset: ReinforcedDataset, scratch: str, seconds: float) -> tuple[float, float]:
+    """Rows/s of the batched reader over one unit's data file rewritten with a dictionary on every
+    column (the writer before) and as the writer writes it now (none on float embeddings)."""
+    source = dataset.location.join(dataset.units[0]["files"]["data"]["path"])
+    table = pq.read_table(source)
+    rates = []
+    for use_dictionary in (True, dictionary_columns(table.schema)):
+        path = f"{scratch}/encoding.parquet"
+        pq.write_table(table, path, compression="zstd", use_dictionary=use_dictionary, row_group_size=ROW_GROUP_ROWS)
+        array_names = set(dataset.layout.stored_arrays())
+
+        def one_pass(epoch: int) -> int:
+            batches = file_batches(dataset.location, path, "arrow", [], table.schema, array_names, ROWS_PER_BATCH)
+            return sum(columns.num_rows for columns, _ in batches)
+
+        rates.append(per_second(one_pass, seconds))
+    return rates[0], rates[1]
+
+
 def check_same_views(ours: ReinforcedTorchDataset, theirs: MobileClipLoaderPath) -> None:
     """Both paths pick the same view and caption of the same samples (pixels differ: tensor vs PIL ops)."""
     ours.set_epoch(0)
@@ -235,6 +256,10 @@ def main() -> None:
             widened = per_second(rows_after(dataset, widen=True), args.seconds)
             print(f"  raw rows/s per core: before {before:9.0f}   after {after:9.0f} ({after / before:.1f}x)   "
                   f"after, every embedding widened to float32 {widened:9.0f} ({widened / before:.1f}x)")
+            if dataset.manifest["format"] == "arrow":
+                dictionary, plain = parquet_encodings(dataset, scratch, args.seconds)
+                print(f"  one unit's file, batched reader: dictionary on every column (writer before) {dictionary:9.0f} "
+                      f"rows/s   none on float embeddings (writer now) {plain:9.0f} rows/s ({plain / dictionary:.1f}x)")
         if export:
             dataset = datasets.get("float16") or datasets["given"]
             options = dict(image_size=args.image_size, sampling="sequential", shuffle=False)
