@@ -21,7 +21,7 @@ Then, in this process with one torch thread, one Arrow thread and no DataLoader 
 Each figure loops over the whole dataset (a new epoch each pass) for at least --seconds of this
 process's CPU time, and is items per CPU second: per core, whatever else the machine runs.
 
-    python bench/bench_reader.py [--copies 10] [--image-size 224] [--batch-size 32] [--seconds 10]
+    python bench/bench_reader.py [--copies 10] [--keep-images] [--image-size 224] [--batch-size 32] [--seconds 10]
     python bench/bench_reader.py --dataset OUT --export DEST   # an existing dataset and its export
 """
 
@@ -74,11 +74,11 @@ def per_second(one_pass: Callable[[int], int], seconds: float) -> float:
     return items / (time.process_time() - started)
 
 
-def datacompdr_shaped_job(shards: list[str], output: str, embedding_dtype: str) -> Any:
+def datacompdr_shaped_job(shards: list[str], output: str, embedding_dtype: str, keep_images: bool) -> Any:
     """jobs/datacompdr-12m.yaml with 768-d stand-in teachers, the tiny CoCa for its 5 captions, local resources."""
     data = yaml.safe_load((ROOT / "jobs" / "datacompdr-12m.yaml").read_text())
     data["input"] = {"urls": shards}
-    data["output"] = {**data["output"], "url": output, "embedding_dtype": embedding_dtype}
+    data["output"] = {**data["output"], "url": output, "embedding_dtype": embedding_dtype, "keep_images": keep_images}
     data["teachers"] = [
         {"id": teacher["id"], "spec": "python:bench.shape_teachers:ProjectionTeacher", "options": {"dim": 768}}
         for teacher in data["teachers"]
@@ -90,10 +90,10 @@ def datacompdr_shaped_job(shards: list[str], output: str, embedding_dtype: str) 
     return parse_job(data)
 
 
-def generate(scratch: str, copies: int) -> tuple[dict[str, str], str]:
+def generate(scratch: str, copies: int, keep_images: bool) -> tuple[dict[str, str], str]:
     """({"float16": URL, "int8": URL}, the float16 dataset's DataCompDR export)."""
     shards = write_sample_data(f"{scratch}/input", num_shards=3, copies=copies)
-    jobs = {dtype: datacompdr_shaped_job(shards, f"{scratch}/{dtype}", dtype) for dtype in ("float16", "int8")}
+    jobs = {dtype: datacompdr_shaped_job(shards, f"{scratch}/{dtype}", dtype, keep_images) for dtype in ("float16", "int8")}
     ray.init(include_dashboard=False, log_to_driver=False, num_cpus=os.cpu_count())
     try:
         for job in jobs.values():
@@ -231,6 +231,8 @@ def main() -> None:
     parser.add_argument("--dataset", help="an existing dataset (default: generate the DataCompDR-shaped ones)")
     parser.add_argument("--export", help="its `dr-gen export --format datacompdr` output (with --dataset)")
     parser.add_argument("--copies", type=int, default=10, help="repeat the 20 bundled photographs this many times")
+    parser.add_argument("--keep-images", action="store_true",
+                        help="generate with output.keep_images (default: the recipe's, originals re-read from the input)")
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--seconds", type=float, default=10.0)
@@ -240,7 +242,7 @@ def main() -> None:
         if args.dataset:
             urls, export = {"given": args.dataset}, args.export
         else:
-            urls, export = generate(scratch, args.copies)
+            urls, export = generate(scratch, args.copies, args.keep_images)
         torch.set_num_threads(1)
         pa.set_cpu_count(1)
         pa.set_io_thread_count(1)
