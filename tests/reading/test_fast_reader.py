@@ -103,7 +103,7 @@ def test_views_rendered_on_the_trainers_device_match_the_loaders(generated, name
         ReinforcedTorchDataset(url, render_on="device")
 
 
-def test_float_embeddings_are_stored_without_a_dictionary(generated):
+def test_float16_embeddings_are_stored_without_a_dictionary(generated):
     """A float16 dictionary saves no bytes and makes reading 4x slower; keys and texts keep theirs."""
     dataset = generated["kept"].dataset
     metadata = pq.ParquetFile(dataset.location.join(dataset.units[0]["files"]["data"]["path"])).metadata
