@@ -1,96 +1,282 @@
-"""Reader throughput on one CPU core: raw rows, and training samples with view replay and collation.
+"""Reader throughput on one CPU core, before and after the batched reader, beside MobileCLIP's loader.
 
-Without --dataset, first generates the quickstart dataset from the bundled sample data
-(local Ray; images not kept, so replay reads the originals back from the input shards).
-Then, in this process with one torch thread and no DataLoader workers (so: one core):
+Without --dataset, generates a dataset of the DataCompDR-12M recipe's shape (jobs/datacompdr-12m.yaml:
+K=30 views, two 768-d teachers, S=5 captions) from the bundled photographs repeated --copies times,
+with stand-in teachers of that width (bench/shape_teachers.py) and the tiny CoCa, on local Ray,
+stored as float16 and again as int8; exports the float16 one with `dr-gen export --format datacompdr`.
+Then, in this process with one torch thread, one Arrow thread and no DataLoader workers (one core):
 
-  rows/s     ReinforcedDataset.iter_samples: Parquet/tar decoding, embeddings to float32
-  samples/s  ReinforcedTorchDataset through a DataLoader with batch collation: original
-             image joined and decoded, one view replayed at --image-size, normalised,
-             embeddings and captions picked, batches collated
+  rows/s     before: ReinforcedDataset.iter_samples (a dict per row, every embedding widened to
+             float32, a ViewParams per view); after: iter_batches (RowBatch: Arrow columns straight
+             to numpy in their stored dtype), and the same with every embedding widened to float32
+  samples/s  one view replayed at --image-size, normalised, batches of --batch-size collated:
+             MobileCLIP's training loader path over the export (webdataset tar, PIL decode as
+             "pilrgba" then RGB, npz, paug.json replayed with torchvision's PIL ops: resized crop,
+             RandAugment; to_tensor, normalize; batched), our per-row path (before: rows with
+             their images, ReinforcedTorchDataset.sample, torch's default collate) and our batched
+             path (after: ReinforcedTorchDataset(batch_size=...)); the same view and caption of
+             every sample on every path (view epoch % K, caption epoch % S). Tokenising is left
+             out of every path.
 
-Each loops over the dataset (new epoch each pass) for at least --seconds.
+Each figure loops over the whole dataset (a new epoch each pass) for at least --seconds of this
+process's CPU time, and is items per CPU second: per core, whatever else the machine runs.
 
-    python bench/bench_reader.py [--dataset URL] [--image-size 224] [--batch-size 32] [--seconds 10]
+    python bench/bench_reader.py [--copies 10] [--keep-images] [--image-size 224] [--batch-size 32] [--seconds 10]
+    python bench/bench_reader.py --dataset OUT --export DEST   # an existing dataset and its export
 """
 
 from __future__ import annotations
 
 import argparse
+import glob
+import io
+import json
 import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import ray
 import torch
-from torch.utils.data import DataLoader
+import torchvision.transforms.functional as TF
+import webdataset as wds
+import yaml
+from PIL import Image
+from torch.utils.data import default_collate
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms.autoaugment import _apply_op
 
-from dr_pipeline.config import load_job
-from dr_pipeline.reader import open_dataset
+from dr_pipeline.augment import RAND_AUGMENT_OPS
+from dr_pipeline.config import parse_job
+from dr_pipeline.export import export_datacompdr
+from dr_pipeline.reader import ROWS_PER_BATCH, ReinforcedDataset, file_batches, open_dataset
+from dr_pipeline.replay import unit_rows_with_images
 from dr_pipeline.runner import run_job
 from dr_pipeline.sample_data import write_sample_data
 from dr_pipeline.torch_dataset import ReinforcedTorchDataset
+from dr_pipeline.writers import ROW_GROUP_ROWS, dictionary_columns
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def per_second(one_pass: Callable[[int], int], seconds: float) -> float:
-    """Items per second over whole passes (pass index = epoch) lasting at least `seconds` together."""
+    """Items per CPU second of this process (one thread for torch and Arrow: per core, however busy
+    the machine) over whole passes (pass index = epoch) lasting at least `seconds` of CPU together."""
     one_pass(0)  # warm-up: imports, first file opens
-    items, epoch, started = 0, 1, time.perf_counter()
-    while time.perf_counter() - started < seconds:
+    items, epoch, started = 0, 1, time.process_time()
+    while time.process_time() - started < seconds:
         items += one_pass(epoch)
         epoch += 1
-    return items / (time.perf_counter() - started)
+    return items / (time.process_time() - started)
 
 
-def generate_quickstart(scratch: str) -> str:
-    shards = write_sample_data(f"{scratch}/input", num_shards=3)
-    job = load_job(ROOT / "jobs" / "quickstart.yaml", input_urls=shards, output_url=f"{scratch}/out")
-    ray.init(include_dashboard=False, log_to_driver=False)
+def datacompdr_shaped_job(shards: list[str], output: str, embedding_dtype: str, keep_images: bool) -> Any:
+    """jobs/datacompdr-12m.yaml with 768-d stand-in teachers, the tiny CoCa for its 5 captions, local resources."""
+    data = yaml.safe_load((ROOT / "jobs" / "datacompdr-12m.yaml").read_text())
+    data["input"] = {"urls": shards}
+    data["output"] = {**data["output"], "url": output, "embedding_dtype": embedding_dtype, "keep_images": keep_images}
+    data["teachers"] = [
+        {"id": teacher["id"], "spec": "python:bench.shape_teachers:ProjectionTeacher", "options": {"dim": 768}}
+        for teacher in data["teachers"]
+    ]
+    captioner = data["captioners"][0]
+    data["captioners"] = [{"id": captioner["id"], "spec": "open_clip:dr-tiny-coca", "num_captions": 5,
+                           "sampler": {**captioner["sampler"], "max_length": 8, "min_length": 2}}]
+    data["resources"] = {"actors": 1, "cpu_workers": 2, "batch_size": 8}
+    return parse_job(data)
+
+
+def generate(scratch: str, copies: int, keep_images: bool) -> tuple[dict[str, str], str]:
+    """({"float16": URL, "int8": URL}, the float16 dataset's DataCompDR export)."""
+    shards = write_sample_data(f"{scratch}/input", num_shards=3, copies=copies)
+    jobs = {dtype: datacompdr_shaped_job(shards, f"{scratch}/{dtype}", dtype, keep_images) for dtype in ("float16", "int8")}
+    ray.init(include_dashboard=False, log_to_driver=False, num_cpus=os.cpu_count())
     try:
-        run_job(job)
+        for job in jobs.values():
+            run_job(job)
     finally:
         ray.shutdown()
-    return job.output.url
+    export = f"{scratch}/export"
+    export_datacompdr(open_dataset(jobs["float16"].output.url), export)
+    return {dtype: job.output.url for dtype, job in jobs.items()}, export
+
+
+def rows_before(dataset: ReinforcedDataset) -> Callable[[int], int]:
+    return lambda epoch: sum(1 for _ in dataset.iter_samples())
+
+
+def rows_after(dataset: ReinforcedDataset, widen: bool) -> Callable[[int], int]:
+    names = list(dataset.layout.embedding_shapes())
+
+    def one_pass(epoch: int) -> int:
+        rows = 0
+        for batch in dataset.iter_batches():
+            if widen:
+                for name in names:
+                    batch.decoded(name)
+            rows += len(batch)
+        return rows
+
+    return one_pass
+
+
+class MobileClipLoaderPath:
+    """The MobileCLIP training loader's path over DataCompDR tars (apple/ml-mobileclip's open_clip patch,
+    `preprocess_dr`, and training/dr/transforms.py reapplying the stored parameters), written with
+    webdataset and torchvision's functional PIL ops as that loader calls them; the view and synthetic
+    caption are chosen as our sequential sampling chooses them, so both paths render the same views."""
+
+    def __init__(self, export: str, image_size: int, batch_size: int):
+        self.urls = sorted(glob.glob(f"{export}/*.tar"))
+        config = json.loads(Path(export, "config.json").read_text())["reinforce"]["image_augmentation"]
+        self.crop_interpolation = InterpolationMode(config["random_resized_crop"]["interpolation"])
+        self.mean, self.std = config["normalize"]["mean"], config["normalize"]["std"]
+        self.image_size = image_size
+        self.batch_size = batch_size
+
+    def _sample(self, sample: dict[str, Any], epoch: int) -> tuple:
+        views = sample["paug.json"]["param_aug"]
+        view = epoch % len(views)
+        (top, left, height, width), ops = views[view]
+        image = sample["image"].convert("RGB")
+        image = TF.resized_crop(image, top, left, height, width, [self.image_size, self.image_size],
+                                interpolation=self.crop_interpolation, antialias=True)
+        for op, magnitude in ops or ():
+            image = _apply_op(image, RAND_AUGMENT_OPS[op], magnitude, interpolation=InterpolationMode.NEAREST, fill=None)
+        image = TF.normalize(TF.to_tensor(image), self.mean, self.std)
+        synthetic = sample["syn.json"]["syn_text"]
+        caption = epoch % len(synthetic)
+        embeddings = sample["npz"]
+        image_emb = torch.tensor(embeddings["image_emb"][view]).float()
+        text_emb = torch.tensor(embeddings["text_emb"][0]).float()
+        syn_text_emb = torch.tensor(embeddings["text_emb"][1 + caption]).float()
+        return image, sample["text"], image_emb, text_emb, synthetic[caption], syn_text_emb
+
+    def batches(self, epoch: int) -> Iterator[tuple]:
+        pipeline = wds.DataPipeline(
+            wds.SimpleShardList(self.urls),
+            wds.tarfile_to_samples(),
+            wds.decode("pilrgba"),
+            wds.rename(image="jpg;png;jpeg;webp", text="txt"),
+            wds.map(lambda sample: self._sample(sample, epoch)),
+            wds.batched(self.batch_size, partial=True),
+        )
+        return iter(pipeline)
+
+
+def samples_before(dataset: ReinforcedTorchDataset, batch_size: int) -> Callable[[int], int]:
+    """The per-row path as it was: rows with their images, one sample each, torch's default collate."""
+
+    def one_pass(epoch: int) -> int:
+        dataset.set_epoch(epoch)
+        count, chunk = 0, []
+        rows = (row for unit in dataset.units_for(0, 1) for row in unit_rows_with_images(dataset.dataset, unit))
+        for row in rows:
+            chunk.append(dataset.sample(row))
+            if len(chunk) == batch_size:
+                count += len(default_collate(chunk)["key"])
+                chunk = []
+        return count + (len(default_collate(chunk)["key"]) if chunk else 0)
+
+    return one_pass
+
+
+def samples_after(dataset: ReinforcedTorchDataset) -> Callable[[int], int]:
+    def one_pass(epoch: int) -> int:
+        dataset.set_epoch(epoch)
+        return sum(len(batch["key"]) for batch in dataset)
+
+    return one_pass
+
+
+def samples_mobileclip(path: MobileClipLoaderPath) -> Callable[[int], int]:
+    return lambda epoch: sum(len(batch[0]) for batch in path.batches(epoch))
+
+
+def parquet_encodings(dataset: ReinforcedDataset, scratch: str, seconds: float) -> tuple[float, float]:
+    """Rows/s of the batched reader over one unit's data file rewritten with a dictionary on every
+    column (the writer before) and as the writer writes it now (none on float embeddings)."""
+    source = dataset.location.join(dataset.units[0]["files"]["data"]["path"])
+    table = pq.read_table(source)
+    rates = []
+    for use_dictionary in (True, dictionary_columns(table.schema)):
+        path = f"{scratch}/encoding.parquet"
+        pq.write_table(table, path, compression="zstd", use_dictionary=use_dictionary, row_group_size=ROW_GROUP_ROWS)
+        array_names = set(dataset.layout.stored_arrays())
+
+        def one_pass(epoch: int) -> int:
+            batches = file_batches(dataset.location, path, "arrow", [], table.schema, array_names, ROWS_PER_BATCH)
+            return sum(columns.num_rows for columns, _ in batches)
+
+        rates.append(per_second(one_pass, seconds))
+    return rates[0], rates[1]
+
+
+def check_same_views(ours: ReinforcedTorchDataset, theirs: MobileClipLoaderPath) -> None:
+    """Both paths pick the same view and caption of the same samples (pixels differ: tensor vs PIL ops)."""
+    ours.set_epoch(0)
+    batch = next(iter(ours))
+    reference = next(theirs.batches(0))
+    assert batch["syn_text"] == list(reference[4]) and batch["text"] == list(reference[1])
+    np.testing.assert_array_equal(batch["image_emb"][next(iter(batch["image_emb"]))].numpy()[:, :8],
+                                  reference[2].numpy()[:, :8])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dataset", help="an existing dataset (default: generate the quickstart one)")
+    parser.add_argument("--dataset", help="an existing dataset (default: generate the DataCompDR-shaped ones)")
+    parser.add_argument("--export", help="its `dr-gen export --format datacompdr` output (with --dataset)")
+    parser.add_argument("--copies", type=int, default=10, help="repeat the 20 bundled photographs this many times")
+    parser.add_argument("--keep-images", action="store_true",
+                        help="generate with output.keep_images (default: the recipe's, originals re-read from the input)")
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--seconds", type=float, default=10.0)
     args = parser.parse_args()
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     with tempfile.TemporaryDirectory() as scratch:
-        url = args.dataset or generate_quickstart(scratch)
+        if args.dataset:
+            urls, export = {"given": args.dataset}, args.export
+        else:
+            urls, export = generate(scratch, args.copies, args.keep_images)
         torch.set_num_threads(1)
-        dataset = open_dataset(url)
-        samples = ReinforcedTorchDataset(dataset, image_size=args.image_size, shuffle_buffer=args.batch_size)
-
-        def read_rows(epoch: int) -> int:
-            return sum(1 for _ in dataset.iter_samples())
-
-        def load_batches(epoch: int) -> int:
-            samples.set_epoch(epoch)
-            return sum(len(batch["key"]) for batch in DataLoader(samples, batch_size=args.batch_size))
-
-        rows_per_second = per_second(read_rows, args.seconds)
-        samples_per_second = per_second(load_batches, args.seconds)
-        sizes = np.array([(r["image_height"], r["image_width"]) for r in dataset.iter_samples()])
-
-    manifest = dataset.manifest
-    print(f"dataset: {len(dataset)} samples, {manifest['format']}, {manifest['layout']['embedding_dtype']}, "
-          f"K={dataset.layout.num_views}, images {'kept' if manifest['config']['output']['keep_images'] else 'read from the input shards'}, "
-          f"originals {sizes[:, 0].mean():.0f} x {sizes[:, 1].mean():.0f} px on average")
-    print(f"one core (1 torch thread, no DataLoader workers), torch {torch.__version__}, {os.cpu_count()} CPUs on the machine")
-    print(f"reader rows: {rows_per_second:.0f} rows/s")
-    print(f"training samples (replay at {args.image_size} px + normalise + collate, batch {args.batch_size}): "
-          f"{samples_per_second:.1f} samples/s per core")
+        pa.set_cpu_count(1)
+        pa.set_io_thread_count(1)
+        datasets = {dtype: open_dataset(url) for dtype, url in urls.items()}
+        print(f"one core (1 torch thread, 1 Arrow thread, no DataLoader workers), torch {torch.__version__}, "
+              f"pyarrow {pa.__version__}, {os.cpu_count()} CPUs on the machine")
+        for dtype, dataset in datasets.items():
+            teachers = ", ".join(f"{t.id} {t.dim}-d" for t in dataset.layout.teachers)
+            print(f"dataset {dtype}: {len(dataset)} samples, {dataset.manifest['format']}, "
+                  f"{dataset.layout.embedding_dtype}, K={dataset.layout.num_views}, S={len(dataset.manifest['text_rows']) - 1}, {teachers}")
+            before = per_second(rows_before(dataset), args.seconds)
+            after = per_second(rows_after(dataset, widen=False), args.seconds)
+            widened = per_second(rows_after(dataset, widen=True), args.seconds)
+            print(f"  raw rows/s per core: before {before:9.0f}   after {after:9.0f} ({after / before:.1f}x)   "
+                  f"after, every embedding widened to float32 {widened:9.0f} ({widened / before:.1f}x)")
+            if dataset.manifest["format"] == "arrow":
+                dictionary, plain = parquet_encodings(dataset, scratch, args.seconds)
+                print(f"  one unit's file, batched reader: dictionary on every column (writer before) {dictionary:9.0f} "
+                      f"rows/s   none on float embeddings (writer now) {plain:9.0f} rows/s ({plain / dictionary:.1f}x)")
+        if export:
+            dataset = datasets.get("float16") or datasets["given"]
+            options = dict(image_size=args.image_size, sampling="sequential", shuffle=False)
+            ours_before = ReinforcedTorchDataset(dataset, **options)
+            ours_after = ReinforcedTorchDataset(dataset, batch_size=args.batch_size, **options)
+            theirs = MobileClipLoaderPath(export, args.image_size, args.batch_size)
+            check_same_views(ours_after, theirs)
+            images = "kept in the dataset" if dataset.manifest["config"]["output"]["keep_images"] else "read from the input shards"
+            print(f"training samples/s per core (replay at {args.image_size} px + normalise + collate, batch "
+                  f"{args.batch_size}; originals {images}; the export holds them in its tars):")
+            mobileclip = per_second(samples_mobileclip(theirs), args.seconds)
+            before = per_second(samples_before(ours_before, args.batch_size), args.seconds)
+            after = per_second(samples_after(ours_after), args.seconds)
+            print(f"  MobileCLIP loader path {mobileclip:7.1f}   ours before {before:7.1f} ({before / mobileclip:.2f}x)   "
+                  f"ours after {after:7.1f} ({after / mobileclip:.2f}x MobileCLIP, {after / before:.2f}x before)")
 
 
 if __name__ == "__main__":

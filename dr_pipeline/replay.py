@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -24,7 +24,7 @@ from dr_pipeline.decode import decode_image
 from dr_pipeline.errors import DatasetError
 from dr_pipeline.inputs import InputFailure, RawSample, iter_shard
 from dr_pipeline.plan import read_plan
-from dr_pipeline.reader import ReinforcedDataset
+from dr_pipeline.reader import ROWS_PER_BATCH, ReinforcedDataset, RowBatch
 from dr_pipeline.schema import DatasetLayout, safe_key
 from dr_pipeline.storage import redact_url
 
@@ -67,21 +67,65 @@ def unit_rows_with_images(
     if dataset.manifest["config"]["output"]["keep_images"]:
         yield from rows
         return
-    shard = _unit_inputs(dataset).get(unit["id"], unit["input"])
-    source = iter_shard(shard, _input_config(dataset, input_storage_options))
+    original_of = _InputOriginals(dataset, unit, input_storage_options)
     for row in rows:
-        for item in source:
-            if isinstance(item, InputFailure):
-                raise DatasetError(f"unit {unit['id']}: cannot read its input shard {redact_url(shard)}: {item.detail}")
-            if item.source_key == row["source_key"] and item.image is not None:
-                break
-        else:
-            raise DatasetError(
-                f"unit {unit['id']}: sample {row['source_key']!r} is not in its input shard {redact_url(shard)} "
-                "(moved or rewritten since generation?)"
-            )
-        row["image"] = _checked(item.image, row, shard)
+        row["image"] = original_of(row)
         yield row
+
+
+def unit_batches_with_images(
+    dataset: ReinforcedDataset,
+    unit: dict[str, Any],
+    input_storage_options: dict[str, Any] | None = None,
+    batch_size: int = ROWS_PER_BATCH,
+) -> Iterator[tuple[RowBatch, Sequence[bytes]]]:
+    """`unit_rows_with_images` by `RowBatch`: each batch with its rows' original encoded bytes."""
+    batches = dataset.iter_unit_batches(unit, batch_size)
+    if dataset.manifest["config"]["output"]["keep_images"]:
+        for batch in batches:
+            yield batch, _Binaries(batch.columns.column("image"))
+        return
+    original_of = _InputOriginals(dataset, unit, input_storage_options)
+    for batch in batches:
+        rows = zip(batch.column("source_key"), batch.column("image_sha256"))
+        yield batch, [original_of({"source_key": key, "image_sha256": sha256}) for key, sha256 in rows]
+
+
+class _Binaries(Sequence[bytes]):
+    """An Arrow binary column read one value at a time (a batch's images are not all copied at once)."""
+
+    def __init__(self, column: Any):
+        self._column = column
+
+    def __len__(self) -> int:
+        return len(self._column)
+
+    def __getitem__(self, index: int) -> bytes:  # type: ignore[override]
+        return self._column[index].as_py()
+
+
+class _InputOriginals:
+    """The encoded originals of a unit's rows, read again from its input shard in one forward pass:
+    a unit's rows are in its input shard's order, so the two are joined by source key."""
+
+    def __init__(self, dataset: ReinforcedDataset, unit: dict[str, Any], input_storage_options: dict[str, Any] | None):
+        self.unit_id = unit["id"]
+        self.shard = _unit_inputs(dataset).get(unit["id"], unit["input"])
+        self.source = iter_shard(self.shard, _input_config(dataset, input_storage_options))
+
+    def __call__(self, row: dict[str, Any]) -> bytes:
+        """The original of `row` (its source_key and image_sha256), checked by sha256."""
+        for item in self.source:
+            if isinstance(item, InputFailure):
+                raise DatasetError(
+                    f"unit {self.unit_id}: cannot read its input shard {redact_url(self.shard)}: {item.detail}"
+                )
+            if item.source_key == row["source_key"] and item.image is not None:
+                return _checked(item.image, row, self.shard)
+        raise DatasetError(
+            f"unit {self.unit_id}: sample {row['source_key']!r} is not in its input shard {redact_url(self.shard)} "
+            "(moved or rewritten since generation?)"
+        )
 
 
 @dataclass

@@ -76,12 +76,28 @@ class UnitWriter(Protocol):
     def close(self) -> None: ...
 
 
+def dictionary_columns(schema: pa.Schema) -> list[str]:
+    """Columns worth Parquet's dictionary encoding: all but float16 embeddings, whose dictionary
+    (up to 65,536 values) saves no bytes and makes reading them back about 3x slower
+    (bench/bench_reader.py); int8 and bfloat16-bit columns and int8 scales read faster with theirs."""
+    return [f.name for f in schema if not _is_float16_array(f.type)]
+
+
+def _is_float16_array(arrow_type: pa.DataType) -> bool:
+    """A fixed-size list (of fixed-size lists ...) of float16: a float16 embedding column."""
+    if not pa.types.is_fixed_size_list(arrow_type):
+        return False
+    while pa.types.is_fixed_size_list(arrow_type):
+        arrow_type = arrow_type.value_type
+    return arrow_type == pa.float16()
+
+
 class ParquetUnitWriter:
     """Buffers batches into row groups of ROW_GROUP_ROWS so small batches don't fragment the file."""
 
     def __init__(self, sink: Any, layout: DatasetLayout):
         self.schema = layout.arrow_schema()
-        self._writer = pq.ParquetWriter(sink, self.schema, compression="zstd")
+        self._writer = pq.ParquetWriter(sink, self.schema, compression="zstd", use_dictionary=dictionary_columns(self.schema))
         self._pending: list[pa.RecordBatch] = []
         self._pending_rows = 0
 

@@ -21,6 +21,7 @@ from dr_pipeline.schema import DatasetLayout, TeacherColumns, from_storage, quan
 from dr_pipeline.torch_dataset import ReinforcedTorchDataset
 from dr_pipeline.validate import validate_dataset
 from teachers import build_teacher
+from tests.reading.fast_path import assert_batches_equal_rows, assert_fast_samples_equal_row_path
 
 
 def _cosines(a, b):
@@ -157,3 +158,11 @@ def test_extension_sidecars_store_int8_with_scales_and_join(int8_runs):
             np.testing.assert_allclose(np.linalg.norm(row[name], axis=-1), 1.0, atol=1e-3)
         np.testing.assert_array_equal(row["text_emb_tiny_vit_32"][:3], before[row["key"]]["text_emb_tiny_vit_32"])
     assert before.keys() == {row["key"] for row in dataset.iter_samples()}
+
+
+def test_fast_reader_and_training_samples_equal_the_row_path(int8_runs):
+    """int8 as Parquet (originals from the input shard) and as webdataset with kept images and two
+    sidecars (a teacher's columns added, rows appended to another's text embeddings)."""
+    for name in ("arrow", "webdataset"):
+        assert assert_batches_equal_rows(open_dataset(int8_runs[name])) > 0
+        assert_fast_samples_equal_row_path(int8_runs[name])
