@@ -411,6 +411,24 @@ def _crop_outside(root):
     return [f"{_where(root, 0)}: a crop box lies outside the image (1 row: {keys[2]})"]
 
 
+def _crop_negative(root):
+    def change(aug):
+        aug[2][1]["crop"][0] = -1  # top edge above the image
+    keys = _rewrite_column(root, 0, "aug", change)
+    return [f"{_where(root, 0)}: a crop box lies outside the image (1 row: {keys[2]})"]
+
+
+def _images_missing(root):
+    """The manifest says the job kept images; the rows hold none."""
+    _edit_json(root / "dataset.json", lambda m: m["config"]["output"].update(keep_images=True))
+    lines = []
+    for index in range(3):
+        keys = pq.read_table(root / _unit(root, index)["files"]["data"]["path"]).column("key").to_pylist()
+        lines.append(f"{_where(root, index)}: no image, though the job keeps images "
+                     f"({len(keys)} rows: {', '.join(keys[:3])}, ...)")
+    return lines
+
+
 def _caption_missing(root):
     keys = _rewrite_column(root, 0, "captions_tiny_coca", lambda captions: captions[3].pop())
     return [f"{_where(root, 0)}: captions_tiny_coca does not hold 2 captions (1 row: {keys[3]})"]
@@ -465,7 +483,7 @@ ARROW_DAMAGES = [_plan_hash, _plan_extra_unit, _plan_missing, _unit_not_in_plan,
                  _unit_missing_from_manifest, _status_incomplete, _columns_differ, _card_dim_differs,
                  _failures_by_reason_sum, _size_differs, _failures_not_json, _failure_lacks_detail,
                  _failure_unknown_reason, _not_parquet, _extra_column, _bad_key, _view_missing, _crop_outside,
-                 _caption_missing]
+                 _crop_negative, _images_missing, _caption_missing]
 WEBDATASET_DAMAGES = [_image_bytes_changed, _unexpected_member, _json_key_differs, _json_field_missing,
                       _member_undecodable, _not_a_tar]
 
