@@ -8,7 +8,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -220,8 +219,8 @@ def _kill(process):
 def test_killed_run_resumes_to_the_same_dataset(arrow_run, sample_shards, small_job_dict, tmp_path):
     """SIGKILL `dr-gen run` and every process it started three times, each placed by an event, then rerun.
 
-    The last shard is a named pipe the test feeds, so the run cannot finish (or commit the last
-    unit) before the test lets it: kill 1 when plan.json appears; kill 2 when the first unit has
+    After kill 1 the last shard is a named pipe nobody writes, so no killed run can finish (or
+    commit the last unit); the rerun gets the file back: kill 1 when plan.json appears; kill 2 when the first unit has
     committed; kill 3 once the last unit's task has opened its temp data file. The rerun redoes
     only the last unit: the committed units' files keep their inode and mtime, the run record
     counts 1 unit written and 2 skipped, and the dataset equals an uninterrupted run's."""
@@ -271,14 +270,12 @@ def test_killed_run_resumes_to_the_same_dataset(arrow_run, sample_shards, small_
     assert _files_of(out, before) == before, "a unit committed before kill 3 was written again"
     assert [p.name for p in (out / "data").iterdir() if p.name.startswith(".")], "kill 3 should leave a temp file"
 
-    # the rerun: the test feeds the pipe to whoever opens it
+    # the rerun, with the last shard a file again (the reader needs a seekable file)
+    last.unlink()
+    last.write_bytes(last_bytes)
     before = _files_of(out, committed)
-    feeder = threading.Thread(target=lambda: last.write_bytes(last_bytes), daemon=True)
-    feeder.start()
     rerun = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr
-    feeder.join(timeout=60)
-    assert not feeder.is_alive(), "the rerun never read the last shard"
     assert _files_of(out, before) == before, "the rerun recomputed a committed unit"
     (record,) = json.loads((out / "runs.json").read_text())["runs"]  # killed runs leave no record
     assert (record["units_written"], record["units_skipped"]) == (1, len(sample_shards) - 1)
