@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: setup browser demo test bench clean
+.PHONY: setup browser demo test mutations bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,10 @@ browser:
 
 test: setup browser
 	$(BIN)/python -m pytest -q tests
+
+# Each named source edit of tests/mutations.py, applied to a temporary copy, must make its tests fail.
+mutations: setup
+	$(BIN)/python tests/mutations.py
 
 bench: setup
 	$(BIN)/python bench/bench_pipeline.py

@@ -200,15 +200,16 @@ def verify(
     device: str = typer.Option("cpu", "--device", help="torch device for the teachers, e.g. cuda"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
 ) -> None:
-    """Recompute every teacher's embeddings of the replayed views and captions of N samples; compare cosines."""
+    """Recompute every teacher's embeddings of the replayed views and captions of N samples; compare cosines;
+    compare the replayed views' pixels with views rendered from freshly sampled parameters."""
     from dr_pipeline.reader import open_dataset
     from dr_pipeline.verify import verify_dataset
 
-    keys, checks = _guarded(lambda: verify_dataset(open_dataset(dataset_url), samples, seed, device))
+    keys, checks, replay = _guarded(lambda: verify_dataset(open_dataset(dataset_url), samples, seed, device))
     failed = [c for c in checks if c.min < threshold]
     if as_json:
-        report = {"samples": keys, "threshold": threshold, "passed": not failed,
-                  "teachers": [c.to_dict() for c in checks]}
+        report = {"samples": keys, "threshold": threshold, "passed": not failed and not replay.mismatched,
+                  "teachers": [c.to_dict() for c in checks], "replay": replay.to_dict()}
         sys.stdout.write(json.dumps(report, indent=1) + "\n")
     else:
         table = Table("teacher", "min", "mean", "views min / mean", "texts min / mean", "worst sample",
@@ -227,7 +228,10 @@ def verify(
     for check in failed:
         errors.print(f"{check.teacher}: min cosine {check.min:.6f} below {threshold} (sample {check.worst_key})",
                      highlight=False, soft_wrap=True)
-    if failed:
+    for key, view in replay.mismatched:
+        errors.print(f"replay: sample {key} view {view}: its stored parameters render other pixels than "
+                     "parameters sampled afresh from the run seed and key", highlight=False, soft_wrap=True)
+    if failed or replay.mismatched:
         raise typer.Exit(1)
 
 

@@ -18,8 +18,6 @@ from functools import cache
 from importlib import resources
 
 import fsspec
-import pyarrow as pa
-import pyarrow.parquet as pq
 from PIL import Image
 
 MAX_SIDE = 512
@@ -115,22 +113,6 @@ def write_tar_shards(dest: str, records: tuple[SampleRecord, ...], num_shards: i
             file.write(_tar_bytes(records[first:end]))
         urls.append(url)
     return urls
-
-
-def write_sample_parquet(dest_file: str) -> str:
-    """Write the samples as one parquet file laid out like img2dataset's (key, caption, url, jpg)."""
-    records = sample_records()
-    table = pa.table(
-        {
-            "key": [r.key for r in records],
-            "caption": [r.caption for r in records],
-            "url": [r.url for r in records],
-            "jpg": pa.array([r.image for r in records], type=pa.binary()),
-        }
-    )
-    with fsspec.open(dest_file, "wb") as file:
-        pq.write_table(table, file)
-    return dest_file
 
 
 def _load_photograph(file_name: str) -> Image.Image:

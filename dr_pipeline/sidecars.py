@@ -108,10 +108,6 @@ class SidecarLayout:
                 })
         return result
 
-    def added_names(self) -> set[str]:
-        """Names of the columns (scales included) this sidecar adds rather than appends to."""
-        return {name for column in self.columns if column.join == "add" for name in column.stored_names(self.embedding_dtype)}
-
     def join(self, row: dict[str, Any], sidecar_row: dict[str, Any], where: str) -> None:
         """Add this sidecar's values for one row to it (embeddings still as stored)."""
         if sidecar_row["key"] != row["key"]:

@@ -498,7 +498,10 @@ def _tar_sample(
     for member in members:
         suffix = member["suffix"]
         if member["encoding"] == "bytes":
-            suffix = row.get("image_format", suffix)
+            if "image_format" not in row:  # the json member is bad (reported): the image member cannot be named
+                expected.update(set(raw) - {m["suffix"] for m in members})
+                continue
+            suffix = row["image_format"]
         expected.add(suffix)
         if suffix not in raw:
             problems.add(f"member .{member['suffix']} missing", key)

@@ -1,6 +1,10 @@
 """`dr-gen verify`: recompute what the teachers stored, for a random subset, and compare.
 
 For N random samples the K views are replayed from the original (replay.py), and
+compared pixel for pixel with the views rendered from parameters sampled afresh from
+(run seed, key), as the generator sampled them: a stored parameter that changed (a crop
+shifted by one pixel, a flip, another RandAugment op) changes pixels, where the tiny
+teachers' cosines may stay above any threshold. Then
 every teacher, rebuilt from its spec in the manifest, embeds them and the texts
 (the real caption, then every synthetic caption in the manifest's text_rows
 order). The cosine between each recomputed and stored embedding says whether
@@ -19,6 +23,7 @@ import numpy as np
 import torch
 
 from dr_pipeline.accelerator import teacher_batch_size
+from dr_pipeline.augment import render_views, sample_views
 from dr_pipeline.reader import ReinforcedDataset
 from dr_pipeline.replay import ViewRenderer, dataset_job, original_images, pick_samples, row_texts
 from teachers import build_teacher
@@ -56,6 +61,18 @@ class TeacherCheck:
                 "mean": self.mean, "worst_key": self.worst_key, "card_differences": self.card_differences}
 
 
+@dataclass
+class ReplayCheck:
+    """Views rendered from the stored parameters against views rendered from parameters sampled
+    afresh: (key, view index) of every view whose pixels differ."""
+
+    views: int = 0
+    mismatched: list[tuple[str, int]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"views": self.views, "mismatched": [{"key": key, "view": view} for key, view in self.mismatched]}
+
+
 def _cosines(recomputed: torch.Tensor, stored: np.ndarray) -> np.ndarray:
     """Row-wise cosine of [M, D] recomputed and stored embeddings, in float64."""
     a = recomputed.double().numpy()
@@ -73,15 +90,26 @@ def verify_dataset(
     seed: int = 0,
     device: str = "cpu",
     on_teacher_done: Callable[[TeacherCheck], None] | None = None,
-) -> tuple[list[str], list[TeacherCheck]]:
-    """(keys checked, one check per teacher); teachers are built one at a time to bound memory."""
+) -> tuple[list[str], list[TeacherCheck], ReplayCheck]:
+    """(keys checked, one check per teacher, the pixel check of the stored parameters); teachers
+    are built one at a time to bound memory."""
     job = dataset_job(dataset)
     layout = dataset.layout
     samples = pick_samples(dataset, num_samples, seed)
     renderer = ViewRenderer(job)
     for image, sample in zip(original_images(dataset, samples), samples):
         sample.row["image"] = image
-    views = torch.cat([renderer.render_all(sample.row)[1] for sample in samples])
+    replay = ReplayCheck()
+    rendered = []
+    for sample in samples:
+        pixels, stored_views = renderer.render_all(sample.row)
+        fresh = sample_views(job.seed, sample.key, int(pixels.shape[1]), int(pixels.shape[2]), job.augmentation)
+        fresh_views = render_views(pixels, fresh, renderer.view_size, job.augmentation)
+        replay.views += len(stored_views)
+        replay.mismatched += [(sample.key, index) for index in range(len(stored_views))
+                              if not torch.equal(stored_views[index], fresh_views[index])]
+        rendered.append(stored_views)
+    views = torch.cat(rendered)
     texts = [text for sample in samples for text in row_texts(sample.row, layout)]
     view_owner = [s.key for s in samples for _ in range(layout.num_views)]
     text_owner = [s.key for s in samples for _ in range(layout.num_texts)]
@@ -110,4 +138,4 @@ def verify_dataset(
         checks.append(check)
         if on_teacher_done:
             on_teacher_done(check)
-    return [s.key for s in samples], checks
+    return [s.key for s in samples], checks, replay

@@ -1,6 +1,14 @@
-"""Shared fixtures: the bundled sample shards and a small job over them."""
+"""Shared fixtures: the bundled sample shards and a small job over them.
 
+DR_GEN_TEST_DATASETS=FOLDER keeps the sample shards and the `reinforced` datasets in FOLDER and
+reuses them when they are there: tests/mutations.py sets it for mutations of code that reads
+datasets (validate, verify), so each of those reruns does not regenerate them. Never set it
+when the generator itself is under test.
+"""
+
+import json
 import os
+from pathlib import Path
 
 import pytest
 
@@ -13,8 +21,9 @@ def sample_shards(tmp_path_factory):
     """The quickstart sample data: 3 webdataset tars of real photographs (one corrupt, one uncaptioned)."""
     from dr_pipeline.sample_data import write_sample_data
 
-    folder = tmp_path_factory.mktemp("sample_data")
-    return write_sample_data(str(folder), num_shards=3)
+    cache = os.environ.get("DR_GEN_TEST_DATASETS")
+    folder = Path(cache) / "sample_data" if cache else tmp_path_factory.mktemp("sample_data")
+    return write_sample_data(str(folder), num_shards=3)  # same bytes every time
 
 
 @pytest.fixture(scope="session")
@@ -79,16 +88,25 @@ def reinforced(sample_shards, small_job_dict, tmp_path_factory):
     from dr_pipeline.config import parse_job
     from dr_pipeline.runner import run_job
 
-    root = tmp_path_factory.mktemp("reinforced")
+    from dr_pipeline.progress import RunProgress
+
+    cache = os.environ.get("DR_GEN_TEST_DATASETS")
+    root = Path(cache) if cache else tmp_path_factory.mktemp("reinforced")
     arrow = parse_job(small_job_dict(sample_shards, root / "arrow"))
     webdataset = parse_job(small_job_dict(sample_shards, root / "wds", output={"keep_images": True, "format": "webdataset"}))
-    progress = []
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=300 * 1024**2, log_to_driver=False)
-    try:
-        run_job(arrow, on_progress=progress.append)
-        run_job(webdataset)
-    finally:
-        ray.shutdown()
+    progress_file = root / "progress.json"
+    if progress_file.exists():
+        progress = [RunProgress(**snapshot) for snapshot in json.loads(progress_file.read_text())]
+    else:
+        progress = []
+        ray.init(num_cpus=2, include_dashboard=False, object_store_memory=300 * 1024**2, log_to_driver=False)
+        try:
+            run_job(arrow, on_progress=progress.append)
+            run_job(webdataset)
+        finally:
+            ray.shutdown()
+        if cache:
+            progress_file.write_text(json.dumps([vars(snapshot) for snapshot in progress]))
     return types.SimpleNamespace(arrow=arrow.output.url, webdataset=webdataset.output.url, arrow_job=arrow,
                                  progress=progress)
 

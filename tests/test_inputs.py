@@ -17,7 +17,8 @@ from dr_pipeline import inputs
 from dr_pipeline.config import InputConfig
 from dr_pipeline.errors import ConfigError
 from dr_pipeline.inputs import InputFailure, RawSample, detect_format, iter_shard, list_shards
-from dr_pipeline.sample_data import sample_records, write_sample_parquet
+from dr_pipeline.sample_data import sample_records
+from sample_parquet import write_sample_parquet
 
 
 def config(urls="unused", **settings) -> InputConfig:

@@ -1,13 +1,15 @@
 """The reinforcement run end to end on local Ray with the real libraries and tiny random-weight models."""
 
+import contextlib
 import hashlib
 import json
 import os
-import random
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -167,32 +169,118 @@ def _committed_units(out):
     return sorted(p.name for p in folder.glob("*.stats.json")) if folder.exists() else []
 
 
+def _wait_for(condition, what, process=None, timeout=300):
+    """Wait for an event (a file appearing, a reader on a pipe) while the run lives; generous timeout."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert process is None or process.poll() is None, f"the run ended (code {process.returncode}) before {what}"
+        assert time.monotonic() < deadline, f"no {what} within {timeout} s"
+        time.sleep(0.05)
+
+
+def _process_tree(root_pid):
+    """Every process descending from `root_pid` (from /proc): Ray's workers start their own process
+    groups, so killing the run's process group alone lets them end on their own, gracefully."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            parents[int(stat.parent.name)] = int(fields[1])
+    tree, grew = {root_pid}, True
+    while grew:
+        children = {pid for pid, parent in parents.items() if parent in tree} - tree
+        tree |= children
+        grew = bool(children)
+    return tree
+
+
+def _alive(pid):
+    with contextlib.suppress(OSError):
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    return False
+
+
+def _files_of(out, units):
+    """(inode, mtime) of every file of the given committed units: a recomputed unit gets new ones."""
+    return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in (out / "data").iterdir()
+            if p.name.split(".")[0] in {u.split(".")[0] for u in units}}
+
+
+def _kill(process):
+    """SIGKILL the run and every process it started, at once (the machine dies); wait until all are gone."""
+    machine = _process_tree(process.pid)
+    for pid in machine:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    process.wait()
+    _wait_for(lambda: not any(_alive(pid) for pid in machine), "the end of every process of the killed run")
+
+
 def test_killed_run_resumes_to_the_same_dataset(arrow_run, sample_shards, small_job_dict, tmp_path):
-    """SIGKILL the whole `dr-gen run` process group at random points, twice, then rerun: the first
-    kill lands in start-up or in the first unit, the second after a unit committed."""
+    """SIGKILL `dr-gen run` and every process it started three times, each placed by an event, then rerun.
+
+    After kill 1 the last shard is a named pipe nobody writes, so no killed run can finish (or
+    commit the last unit); the rerun gets the file back: kill 1 when plan.json appears; kill 2 when the first unit has
+    committed; kill 3 once the last unit's task has opened its temp data file. The rerun redoes
+    only the last unit: the committed units' files keep their inode and mtime, the run record
+    counts 1 unit written and 2 skipped, and the dataset equals an uninterrupted run's."""
     _, _, reference = arrow_run
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for shard in sample_shards:
+        shutil.copy(shard, shards / os.path.basename(shard))
+    last = shards / os.path.basename(sample_shards[-1])
+    last_bytes = last.read_bytes()
     out = tmp_path / "killed"
-    data = small_job_dict(sample_shards, out, output={"keep_images": True})
+    data = small_job_dict([str(shards / os.path.basename(s)) for s in sample_shards], out, output={"keep_images": True})
     job_file = tmp_path / "job.yaml"
     job_file.write_text(json.dumps(data))
     command = [sys.executable, "-m", "dr_pipeline.cli", "run", str(job_file)]
     env = {**os.environ, "RAY_ADDRESS": ""}
-    seed = random.randrange(2**32)
-    rng = random.Random(seed)
-    for commits_before_kill in (0, 1):
-        process = subprocess.Popen(command, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
-                                   stderr=subprocess.DEVNULL)
-        deadline = time.time() + 240
-        while len(_committed_units(out)) < commits_before_kill and process.poll() is None and time.time() < deadline:
-            time.sleep(0.2)
-        time.sleep(rng.uniform(0, 1.5))
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
-    assert _committed_units(out), f"the second kill should land after a unit committed (seed {seed})"
-    rerun = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+
+    def start():
+        return subprocess.Popen(command, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+
+    last_marker = f"{last.name.split('.')[0]}.stats.json"
+
+    # kill 1: in start-up, once plan.json is written
+    process = start()
+    _wait_for(lambda: (out / "plan.json").exists(), "plan.json", process)
+    _kill(process)
+    assert _committed_units(out) == [], "kill 1 should land before any unit commits"
+    last.unlink()
+    os.mkfifo(last)  # listed in plan.json as a file; from now on its reader waits for the test
+
+    # kill 2: once the first unit has committed
+    process = start()
+    _wait_for(lambda: _committed_units(out), "a committed unit", process)
+    _kill(process)
+    committed = _committed_units(out)
+    assert committed and last_marker not in committed
+
+    # kill 3: during the last unit: its task has opened its temp data file and waits on its shard
+    before = _files_of(out, committed)
+    process = start()
+    last_id = last.name.split(".")[0]
+    _wait_for(lambda: list((out / "data").glob(f".{last_id}.parquet.*.tmp")), "the last unit's temp file", process)
+    _kill(process)
+    committed = _committed_units(out)
+    assert last_marker not in committed and len(committed) == len(sample_shards) - 1
+    assert _files_of(out, before) == before, "a unit committed before kill 3 was written again"
+    assert [p.name for p in (out / "data").iterdir() if p.name.startswith(".")], "kill 3 should leave a temp file"
+
+    # the rerun, with the last shard a file again (the reader needs a seekable file)
+    last.unlink()
+    last.write_bytes(last_bytes)
+    before = _files_of(out, committed)
+    rerun = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr
+    assert _files_of(out, before) == before, "the rerun recomputed a committed unit"
+    (record,) = json.loads((out / "runs.json").read_text())["runs"]  # killed runs leave no record
+    assert (record["units_written"], record["units_skipped"]) == (1, len(sample_shards) - 1)
     resumed = open_dataset(str(out))
-    assert resumed.manifest["status"] == "complete", f"seed {seed}"
+    assert resumed.manifest["status"] == "complete"
     assert validate_dataset(str(out)).problems == []
     assert resumed.manifest["totals"] == reference.manifest["totals"]
     assert not [p for p in (out / "data").iterdir() if p.name.startswith(".")], "temp files left behind"

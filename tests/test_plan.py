@@ -4,7 +4,6 @@ a 100k-shard listing, and no model loaded."""
 import json
 import shutil
 import tarfile
-import time
 
 import fsspec
 import open_clip
@@ -18,7 +17,7 @@ from dr_pipeline.cli import app
 from dr_pipeline.config import CaptionerConfig, InputConfig, SamplerConfig
 from dr_pipeline.estimate import GPU_PEAK_TFLOPS, survey_input
 from dr_pipeline.reader import open_dataset
-from dr_pipeline.sample_data import write_sample_parquet
+from sample_parquet import write_sample_parquet
 from teachers import build_captioner, model_cost
 from teachers.open_clip_adapter import OpenClipCaptioner
 
@@ -116,24 +115,22 @@ def test_plan_counts_parquet_and_img2dataset_stats_exactly(tmp_path, small_job_d
     assert plan["input"]["method"] == "exact: img2dataset stats files of all 3 shards"
 
 
-def test_a_100k_shard_listing_is_planned_in_seconds():
+def test_a_100k_shard_listing_is_planned_from_two_checks_and_16_stats_files():
     """Remote patterns are checked at their first and last shard, so no per-shard request is made
-    while listing; samples come from the stats files of 16 shards spread over the listing."""
+    while listing (only those two shards exist here); samples come from the stats files of 16
+    shards spread over the listing."""
     fs = fsspec.filesystem("memory")
     fs.pipe({f"/plan100k/{i:06d}_stats.json": json.dumps({"successes": 9000 + i % 3}).encode()
              for i in range(100_000)})
     fs.pipe({"/plan100k/000000.tar": b"", "/plan100k/099999.tar": b""})
     try:
-        started = time.perf_counter()
         survey = survey_input(InputConfig(urls="memory://plan100k/{000000..099999}.tar", format="webdataset"))
-        elapsed = time.perf_counter() - started
     finally:  # fs.rm would walk the listing once per file
         for path in [p for p in fs.store if p.startswith("/plan100k/")]:
             del fs.store[path]
     assert survey.shards == 100_000 and not survey.exact
     assert survey.method.startswith("estimate: img2dataset stats files of 16 of 100000 shards")
     assert 9000 * 100_000 <= survey.samples <= 9002 * 100_000
-    assert elapsed < 10, f"planning 100k shards took {elapsed:.1f}s"
 
 
 def test_plan_refuses_an_unknown_gpu(job_file):

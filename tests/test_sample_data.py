@@ -11,7 +11,8 @@ import pytest
 from PIL import Image
 
 from dr_pipeline.decode import ImageRejected, decode_image
-from dr_pipeline.sample_data import sample_records, write_sample_data, write_sample_parquet
+from dr_pipeline.sample_data import sample_records, write_sample_data
+from sample_parquet import write_sample_parquet
 
 
 def test_two_writes_give_identical_bytes(tmp_path):

@@ -58,22 +58,36 @@ class FaultyFileSystem(LocalFileSystem):
 
     - read_only: every open for writing raises PermissionError (EROFS);
     - full_for: files whose name contains one of these strings take `capacity` bytes, then
-      raise OSError (ENOSPC), leaving them half-written.
+      raise OSError (ENOSPC), leaving them half-written;
+    - flaky_for, flaky_failures, attempts_log: an open for writing of a file whose name contains
+      one of these strings appends the name to `attempts_log` (a local file: attempts are counted
+      across worker processes) and raises OSError (EIO) for the first `flaky_failures` attempts.
     Other options (tokens, keys) are accepted and ignored, as a real backend's would be used.
     """
 
     protocol = "faulty"
 
-    def __init__(self, read_only: bool = False, full_for: tuple[str, ...] = (), capacity: int = 4, **options: Any):
+    def __init__(self, read_only: bool = False, full_for: tuple[str, ...] = (), capacity: int = 4,
+                 flaky_for: tuple[str, ...] = (), flaky_failures: int = 0, attempts_log: str = "", **options: Any):
         super().__init__(**options)
         self.read_only = read_only
         self.full_for = tuple(full_for)
         self.capacity = capacity
+        self.flaky_for = tuple(flaky_for)
+        self.flaky_failures = flaky_failures
+        self.attempts_log = attempts_log
 
     def _open(self, path: str, mode: str = "rb", **kwargs: Any) -> Any:
         writing = "r" not in mode
         if writing and self.read_only:
             raise PermissionError(errno.EROFS, "Read-only file system", path)
+        if writing and any(part in os.path.basename(path) for part in self.flaky_for):
+            with open(self.attempts_log, "a+") as log:
+                log.seek(0)
+                earlier = len(log.read().splitlines())
+                log.write(os.path.basename(path) + "\n")
+            if earlier < self.flaky_failures:
+                raise OSError(errno.EIO, "Input/output error (injected, transient)", path)
         file = super()._open(path, mode, **kwargs)
         if writing and any(part in os.path.basename(path) for part in self.full_for):
             return _FillingFile(file, self.capacity)

@@ -88,8 +88,9 @@ def test_a_teacher_actor_killed_mid_run_loses_nothing(flaky_run):
     assert dataset.manifest["totals"]["input_samples"] == 20
     assert len({row["key"] for row in dataset.iter_samples()}) == len(dataset) == 17
     assert validate_dataset(str(root / "out")).problems == []
-    _, checks = verify_dataset(dataset, 64, 0, "cpu")  # recomputed from the replayed views and captions
+    _, checks, replay = verify_dataset(dataset, 64, 0, "cpu")  # recomputed from the replayed views and captions
     assert [check.teacher for check in checks] == ["flaky"] and checks[0].min > 0.999
+    assert replay.views == 17 * 3 and replay.mismatched == []
 
 
 def test_a_batch_that_keeps_failing_is_retried_then_costs_only_its_bad_sample(flaky_run):
@@ -132,6 +133,19 @@ def test_a_unit_whose_write_fails_is_reported_and_not_counted_done(full_disk_run
     assert manifest["totals"]["units_done"] == 1
     problems = validate_dataset(str(out)).problems
     assert problems == ["dataset.json: status incomplete: 1 of 3 units committed"]
+
+
+def test_a_unit_task_that_fails_transiently_twice_is_retried_and_committed(sample_shards, small_job_dict, tmp_path):
+    """Opening unit 00001's completion marker fails twice (EIO), then works: its task runs three
+    times in all (two retries), the unit commits and nothing is lost."""
+    attempts_log = tmp_path / "attempts.log"
+    flaky = {"flaky_for": ["00001.stats.json"], "flaky_failures": 2, "attempts_log": str(attempts_log)}
+    job = _job(sample_shards, small_job_dict, f"faulty://{tmp_path / 'out'}", {"id": "tiny", "spec": TINY_TEACHER}, flaky)
+    summary = run_job(job)
+    assert summary.units_failed == [] and summary.units_done == 3
+    assert len(attempts_log.read_text().splitlines()) == 3  # 2 failed attempts + the one that committed
+    assert validate_dataset(str(tmp_path / "out")).problems == []
+    assert open_dataset(str(tmp_path / "out")).manifest["totals"]["input_samples"] == 20
 
 
 def test_read_only_output_is_refused_before_any_work(full_disk_run, sample_shards, small_job_dict, tmp_path):

@@ -114,10 +114,12 @@ def test_no_pickle_in_any_output_or_manifest(reinforced):
 
 
 def _defined_tests(path: Path) -> tuple[set[str], set[str]]:
-    """The test functions a test file defines, and the string constants it holds (parameter ids)."""
+    """The test functions a test file defines, and its parameter ids: the string constants it holds
+    and the names of its module-level helpers without their leading underscore (ids made from them)."""
     tree = ast.parse(path.read_text())
     functions = {n.name for n in tree.body if isinstance(n, ast.FunctionDef) and n.name.startswith("test_")}
     strings = {n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)}
+    strings |= {n.name.strip("_") for n in tree.body if isinstance(n, ast.FunctionDef) and n.name.startswith("_")}
     return functions, strings
 
 
