@@ -35,7 +35,7 @@ from webdataset.tariterators import base_plus_ext
 
 from dr_pipeline.config import InputConfig
 from dr_pipeline.errors import ConfigError
-from dr_pipeline.storage import RetryingReader, filesystem_options, fresh, retrying
+from dr_pipeline.storage import RetryingReader, filesystem, filesystem_options, fresh, retrying
 
 ShardFormat = Literal["webdataset", "parquet"]
 
@@ -104,7 +104,7 @@ def list_shards(config: InputConfig) -> list[str]:
 def _expand_pattern(pattern: str, storage_options: dict[str, Any]) -> list[str]:
     urls = list(braceexpand(pattern))
     try:
-        fs, _ = url_to_fs(urls[0], **filesystem_options(urls[0], storage_options))
+        fs, _ = filesystem(urls[0], storage_options)
     except (ImportError, ValueError) as error:
         raise ConfigError(f"input {pattern!r}: cannot use its filesystem ({error_summary(error)})") from None
     try:
@@ -212,6 +212,7 @@ def iter_shard(url: str, config: InputConfig) -> Iterator[RawSample | InputFailu
 
 def _open_shard(url: str, config: InputConfig) -> RetryingReader:
     """The shard for reading, reopened where it was when a transient storage error cuts a read."""
+    filesystem(url, config.storage_options)  # the instance fsspec.open reuses, its own retries cut
     options = filesystem_options(url, config.storage_options)
     return RetryingReader(lambda: fsspec.open(url, "rb", **options).open())
 

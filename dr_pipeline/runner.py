@@ -35,7 +35,7 @@ from dr_pipeline.manifest import (
     write_runs,
 )
 from dr_pipeline.model_worker import BatchResult, ModelWorker
-from dr_pipeline.plan import Plan, Unit, check_plan_matches, make_plan, read_plan, write_plan
+from dr_pipeline.plan import DATA_DIR, Plan, Unit, check_plan_matches, make_plan, read_plan, write_plan
 from dr_pipeline.prepare import ViewBatch, caption_input_sizes, failure_record, prepare_unit
 from dr_pipeline.progress import POLL_SECONDS, ProgressTracker, RunProgress, UnitReporter, run_record, start_tally
 from dr_pipeline.schema import CaptionerColumns, DatasetLayout, TeacherColumns
@@ -399,6 +399,8 @@ def _run_planned(
             on_progress(progress)
 
     units = plan.units
+    for folder in ("", DATA_DIR):  # left by a killed run (between an object's copy and delete, on S3)
+        out.remove_temps_in(folder)
     committed = committed_unit_ids(out, units)
     summary = RunSummary(output=out.url(), units_planned=len(units), units_skipped=len(committed))
     todo = [u for u in units if u.id not in committed]

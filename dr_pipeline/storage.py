@@ -31,7 +31,7 @@ from fsspec.core import url_to_fs
 _TEMP_TAG_LENGTH = 12
 T = TypeVar("T")
 
-STORAGE_ATTEMPTS = 6
+STORAGE_ATTEMPTS = 8
 """Tries of one storage call (or one unit) before a transient error is given up on."""
 BACKOFF_SECONDS = 0.2
 """First wait after a transient error; doubled each retry (with jitter), at most BACKOFF_CAP_SECONDS."""
@@ -101,15 +101,27 @@ def retrying(call: Callable[[], T], attempts: int = STORAGE_ATTEMPTS) -> T:
 
 
 def filesystem_options(url: str, storage_options: dict[str, Any] | None) -> dict[str, Any]:
-    """The storage options dr-gen opens `url` with: the caller's, plus (on s3, unless set) no
-    retries inside s3fs and botocore, since dr-gen retries and counts them itself."""
+    """The storage options dr-gen opens `url` with: the caller's (none for a local path: one set
+    of options serves every URL of a command), plus (on s3, unless set) no retries inside s3fs and
+    botocore, since dr-gen retries and counts them itself."""
+    protocol = url.split("://", 1)[0] if "://" in url else "file"
+    if protocol in ("file", "local"):
+        return {}
     options = dict(storage_options or {})
-    if url.split("://", 1)[0] in ("s3", "s3a"):
-        options.setdefault("retries", 1)
+    if protocol in ("s3", "s3a"):
         config = dict(options.get("config_kwargs") or {})
-        config.setdefault("retries", {"max_attempts": 1, "mode": "standard"})
+        config.setdefault("retries", {"total_max_attempts": 1, "mode": "standard"})
         options["config_kwargs"] = config
     return options
+
+
+def filesystem(url: str, storage_options: dict[str, Any] | None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """(filesystem, path) of `url` opened with filesystem_options; s3fs's own retry loop (a class
+    setting, not an option) is cut to one try, since dr-gen retries and counts them itself."""
+    fs, path = url_to_fs(url, **filesystem_options(url, storage_options))
+    if fs.protocol and "s3" in fs.protocol and hasattr(fs, "retries"):
+        fs.retries = 1
+    return fs, path
 
 
 def fresh(fs: fsspec.AbstractFileSystem, path: str | None = None) -> fsspec.AbstractFileSystem:
@@ -127,7 +139,7 @@ class Location:
 
     @classmethod
     def from_url(cls, url: str, storage_options: dict[str, Any] | None = None) -> "Location":
-        fs, path = url_to_fs(url, **filesystem_options(url, storage_options))
+        fs, path = filesystem(url, storage_options)
         return cls(fs, path.rstrip("/") or "/")
 
     def join(self, *parts: str) -> str:
@@ -178,6 +190,12 @@ class Location:
         for leftover in self.glob(posixpath.join(folder, f".{name}.{'?' * _TEMP_TAG_LENGTH}.tmp")):
             retrying(lambda: self.fs.rm(leftover))
 
+    def remove_temps_in(self, folder: str = "") -> None:
+        """Delete every temp file a killed writer left in `folder` (only safe for the holder of
+        the output's lease: a live writer's temp files look the same)."""
+        for leftover in self.glob(posixpath.join(folder, f".*.{'?' * _TEMP_TAG_LENGTH}.tmp")):
+            retrying(lambda: self.fs.rm(leftover))
+
     @contextlib.contextmanager
     def open_atomic(self, *parts: str) -> Iterator["HashingWriter"]:
         """Write to a temp name beside the target; rename into place only if the block succeeds."""
@@ -192,7 +210,7 @@ class Location:
             self.fs.mv(temp, final)
         except BaseException:
             with contextlib.suppress(Exception):
-                self.fs.rm(temp)
+                retrying(lambda: self.fs.rm(temp))
             raise
 
 
