@@ -21,7 +21,7 @@ from dr_pipeline.runner import run_job
 from dr_pipeline.storage import Location
 from dr_pipeline.torch_dataset import ReinforcedTorchDataset
 from dr_pipeline.validate import validate_dataset
-from tests.storage.conftest import SECRET, s3_upload
+from tests.storage.conftest import SECRET, FaultyProxy, s3_upload
 
 pytestmark = pytest.mark.usefixtures("local_ray")
 
@@ -37,9 +37,11 @@ def s3_input(s3, sample_shards):
 
 @pytest.fixture(scope="module")
 def job_data(s3_input, small_job_dict):
-    """The small job over the shards in S3, output URL to be set; storage options not in it."""
+    """The small job over the shards in S3, output URL to be set; storage options not in it.
+    No flips or erasing, which the DataCompDR export cannot express."""
     bucket, shards = s3_input
-    return small_job_dict(shards, f"{bucket}/unset")
+    augmentation = {"horizontal_flip": {"p": 0.0}, "random_erasing": {"p": 0.0}}
+    return small_job_dict(shards, f"{bucket}/unset", augmentation=augmentation)
 
 
 def _with(job_data, output_url, options):
@@ -206,3 +208,19 @@ def test_extend_adds_a_teacher_to_the_s3_output(s3, s3_input, job_data, referenc
     assert row["image_emb_another_vit"].shape == row["image_emb_tiny_vit_32"].shape
     objects = _objects(s3, url)
     assert "lease.json" not in objects and SECRET.encode() not in b"".join(objects.values())
+
+
+def test_transient_storage_errors_are_retried_and_counted(s3, s3_input, job_data, reference):
+    """Through a proxy that drops, answers 503 SlowDown to, or holds past the client's read timeout
+    5% of all requests (the driver's and the unit tasks', input and output): the same dataset, and
+    the run record counts the retries."""
+    url = f"{s3_input[0]}/faulty"
+    with FaultyProxy(s3.url, share=0.05, seed=12, delay_seconds=3.0) as proxy:
+        options = {**s3.options, "endpoint_url": proxy.url,
+                   "config_kwargs": {"read_timeout": 2, "connect_timeout": 2}}
+        summary = run_job(parse_job(_with(job_data, url, options)))
+    assert summary.units_done == 3 and not summary.units_failed
+    assert all(proxy.injected.values()), proxy.injected
+    _assert_same_dataset(s3, url, reference)
+    runs = json.loads(_objects(s3, url)["runs.json"])["runs"]
+    assert runs[-1]["storage_retries"] > 0
