@@ -35,7 +35,7 @@ from webdataset.tariterators import base_plus_ext
 
 from dr_pipeline.config import InputConfig
 from dr_pipeline.errors import ConfigError
-from dr_pipeline.storage import RetryingReader, filesystem, filesystem_options, fresh, retrying
+from dr_pipeline.storage import RetryingReader, filesystem, filesystem_options, fresh, path_exists, retrying
 
 ShardFormat = Literal["webdataset", "parquet"]
 
@@ -143,7 +143,7 @@ def _remote_matches(pattern: str, urls: list[str], fs: fsspec.AbstractFileSystem
         else:
             literals.append(fs.unstrip_protocol(fs._strip_protocol(url)))
     for url in dict.fromkeys(literals[:1] + literals[-1:]):
-        if not fs.isfile(url):
+        if not path_exists(fs, url):
             raise ConfigError(f"input {pattern!r}: {url} does not exist")
     return matches + literals
 

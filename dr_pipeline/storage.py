@@ -124,6 +124,19 @@ def filesystem(url: str, storage_options: dict[str, Any] | None) -> tuple[fsspec
     return fs, path
 
 
+def path_exists(fs: fsspec.AbstractFileSystem, path: str) -> bool:
+    """Whether `path` exists, asked of the store (no cached listing); a transient error is
+    retried, never taken for "missing" (fsspec's `exists` and `isfile` say False on any error)."""
+    def probe() -> bool:
+        try:
+            fresh(fs, path).info(path)
+        except FileNotFoundError:
+            return False
+        return True
+
+    return retrying(probe)
+
+
 def fresh(fs: fsspec.AbstractFileSystem, path: str | None = None) -> fsspec.AbstractFileSystem:
     """`fs` with its cached listings of `path` (and its parents; all when None) dropped."""
     fs.invalidate_cache(path)
@@ -150,8 +163,7 @@ class Location:
 
     def exists(self, *parts: str) -> bool:
         """Asked of the store itself, never of a cached listing."""
-        path = self.join(*parts)
-        return retrying(lambda: fresh(self.fs, path).exists(path))
+        return path_exists(self.fs, self.join(*parts))
 
     def glob(self, pattern: str) -> list[str]:
         """Paths matching `pattern` (relative to this folder), from a fresh listing."""

@@ -224,3 +224,11 @@ def test_transient_storage_errors_are_retried_and_counted(s3, s3_input, job_data
     _assert_same_dataset(s3, url, reference)
     runs = json.loads(_objects(s3, url)["runs.json"])["runs"]
     assert runs[-1]["storage_retries"] > 0
+
+
+def test_plan_surveys_the_s3_input_with_storage_options(s3, s3_input, job_data, tmp_path):
+    job_file = tmp_path / "job.yaml"
+    job_file.write_text(json.dumps(job_data))
+    result = _cli("plan", str(job_file), "--json", "--storage-options", json.dumps(s3.options))
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout) and "\"shards\": 3" in result.stdout
