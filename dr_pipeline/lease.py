@@ -98,10 +98,14 @@ class OutputLease:
             f"{holder['timeout_seconds']:.0f}s without a heartbeat this output is taken over"
         )
 
-    def acquire(self) -> None:
+    def refuse_if_held(self) -> None:
+        """Raise the one-line refusal when another live run holds the output's lease."""
         holder = self._current()
         if holder is not None and holder.get("owner") != self.owner and stale_reason(holder) is None:
             self._refuse(holder)
+
+    def acquire(self) -> None:
+        self.refuse_if_held()
         try:
             self.out.write_json_atomic(self._record(), LEASE_FILE)
         except Exception as error:  # any backend error means the same thing to the user

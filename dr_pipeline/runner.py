@@ -92,6 +92,7 @@ def plan_output(job: JobConfig, overwrite: bool) -> tuple[Location, Plan]:
     out = Location.from_url(job.output.url, job.output.storage_options)
     existing = read_plan(out) if out.exists() else None
     if existing and overwrite:
+        OutputLease(out).refuse_if_held()  # never delete what another run is writing
         retrying(lambda: out.fs.rm(out.path, recursive=True))
         existing = None
     if existing:

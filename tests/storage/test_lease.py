@@ -57,6 +57,10 @@ def test_a_second_run_on_an_output_being_written_is_refused_then_takes_over_once
         assert second.exit_code == 2, second.output
         assert len(second.output.strip().splitlines()) == 1 and SECRET not in second.output
         assert "is being written by another run" in second.output and f"pid {first.pid}" in second.output
+        overwriting = CliRunner().invoke(app, ["run", str(job_file), "--overwrite", "--storage-options",
+                                               json.dumps(options)])
+        assert overwriting.exit_code == 2 and "is being written by another run" in overwriting.output
+        assert out.exists("plan.json")  # --overwrite deleted nothing
     finally:
         os.killpg(first.pid, signal.SIGKILL)
         first.wait()
