@@ -116,8 +116,9 @@ def _wait_for(condition, process, what):
 def test_a_run_killed_at_three_moments_resumes_to_the_uninterrupted_dataset(
     s3, s3_input, job_data, reference, tmp_path
 ):
-    """SIGKILL the driver's process group while it starts (its lease appears), once the models are
-    up and units run (dataset.json appears), and right after a unit commits (a marker appears);
+    """SIGKILL the driver's process group while Ray and the model actors start (its lease appeared,
+    dataset.json not yet), once the models are up and units run (dataset.json appears), and right
+    after a unit commits (a marker appears);
     then rerun: same data files, same dataset.json, valid, no temporary object."""
     url = f"{s3_input[0]}/killed"
     job_file = tmp_path / "job.yaml"
@@ -147,6 +148,8 @@ def test_a_run_killed_at_three_moments_resumes_to_the_uninterrupted_dataset(
         _wait_for(condition, process, what)
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
+        if what.startswith("its lease"):
+            assert not exists("dataset.json"), "the first kill should land before the models were up"
     assert markers() >= 1
     summary = run_job(parse_job(_with(job_data, url, s3.options)))  # takes the dead run's lease over
     assert summary.units_skipped + summary.units_done == 3 and not summary.units_failed
