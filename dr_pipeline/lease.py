@@ -83,12 +83,13 @@ class OutputLease:
         }
 
     def _current(self) -> dict[str, Any] | None:
+        """The lease as stored; None when there is none, or it is not one (edited by hand, say)."""
         try:
-            return self.out.read_json(LEASE_FILE)
-        except FileNotFoundError:
+            lease = self.out.read_json(LEASE_FILE)
+        except (FileNotFoundError, ValueError):
             return None
-        except ValueError:  # a lease cut short by a crash of another kind of writer: nobody holds it
-            return None
+        fields = ("owner", "host", "pid", "heartbeat_unix", "timeout_seconds")
+        return lease if isinstance(lease, dict) and all(name in lease for name in fields) else None
 
     def _refuse(self, holder: dict[str, Any]) -> None:
         age = time.time() - holder["heartbeat_unix"]
