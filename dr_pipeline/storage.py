@@ -130,7 +130,7 @@ def path_exists(fs: fsspec.AbstractFileSystem, path: str) -> bool:
     def probe() -> bool:
         try:
             fresh(fs, path).info(path)
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):  # the latter: a parent is a file
             return False
         return True
 
