@@ -29,7 +29,6 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 from braceexpand import braceexpand
-from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 from webdataset.tariterators import base_plus_ext
 
