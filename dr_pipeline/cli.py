@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from enum import Enum
+from pathlib import Path
 from typing import Any, Callable, Optional, TypeVar
 
 import fsspec
@@ -32,6 +34,34 @@ def _guarded(action: Callable[[], T]) -> T:
         raise typer.Exit(1) from None
 
 
+STORAGE_OPTIONS_ENV = "DR_GEN_STORAGE_OPTIONS"
+_STORAGE_OPTIONS_HELP = (
+    "fsspec storage options for every URL the command reads or writes (endpoint, profile, keys): "
+    f"JSON, or @FILE holding JSON; default ${STORAGE_OPTIONS_ENV}. Never written to any output or log"
+)
+
+
+def _storage_options(given: str | None) -> dict[str, Any]:
+    """--storage-options, else $DR_GEN_STORAGE_OPTIONS: JSON or @file. Errors never repeat the
+    text, which holds credentials."""
+    text = given if given is not None else os.environ.get(STORAGE_OPTIONS_ENV)
+    if not text:
+        return {}
+    source = "--storage-options" if given is not None else f"${STORAGE_OPTIONS_ENV}"
+    if text.startswith("@"):
+        try:
+            text = Path(text[1:]).read_text()
+        except OSError as error:
+            raise ConfigError(f"{source}: cannot read {text[1:]} ({error.strerror or error})") from None
+    try:
+        options = json.loads(text)
+    except ValueError:
+        raise ConfigError(f"{source}: not valid JSON (an object of fsspec storage options)") from None
+    if not isinstance(options, dict):
+        raise ConfigError(f"{source}: expected a JSON object of fsspec storage options")
+    return options
+
+
 def _input_override(input_urls: list[str] | None) -> str | list[str] | None:
     """--input given zero, one or several times, as the job's input.urls."""
     if not input_urls:
@@ -50,9 +80,10 @@ def run(
         None, "--extend", metavar="OUT",
         help="add JOB's teachers and captioners that the dataset OUT lacks, as sidecar files; nothing is recomputed",
     ),
+    storage_options: Optional[str] = typer.Option(None, "--storage-options", metavar="JSON|@FILE", help=_STORAGE_OPTIONS_HELP),
 ) -> None:
     """Reinforce a dataset: plan, run teachers and captioners on Ray, write shards and dataset.json."""
-    from dr_pipeline.config import load_job
+    from dr_pipeline.config import load_job, with_storage_options
     from dr_pipeline.extend import extend_dataset
     from dr_pipeline.progress import ProgressDisplay
     from dr_pipeline.runner import run_job
@@ -61,7 +92,8 @@ def run(
         errors.print("[red]error:[/red] --extend OUT names the output: drop --output and --overwrite", highlight=False)
         raise typer.Exit(2)
     output = extend if extend is not None else output_url
-    job = _guarded(lambda: load_job(job_file, input_urls=_input_override(input_urls), output_url=output))
+    job = _guarded(lambda: with_storage_options(
+        load_job(job_file, input_urls=_input_override(input_urls), output_url=output), _storage_options(storage_options)))
     with ProgressDisplay(console, job.name) as display:
         if extend is not None:
             summary = _guarded(lambda: extend_dataset(job, address=address, on_progress=display.update))
@@ -95,15 +127,17 @@ def plan(
     ),
     price_per_hour: Optional[float] = typer.Option(
         None, "--price-per-hour", min=0.0, help="with --calibrate: price of one GPU-hour (actor-hour on a CPU)"),
+    storage_options: Optional[str] = typer.Option(None, "--storage-options", metavar="JSON|@FILE", help=_STORAGE_OPTIONS_HELP),
 ) -> None:
     """Estimate a job before running it: shards, samples, views, forward passes, caption tokens, FLOPs, GPU-hours, bytes."""
-    from dr_pipeline.config import load_job
+    from dr_pipeline.config import load_job, with_storage_options
     from dr_pipeline.estimate import plan_job, print_plan
 
     if price_per_hour is not None and calibrate_samples is None:
         errors.print("[red]error:[/red] --price-per-hour prices a measured rate: add --calibrate N", highlight=False)
         raise typer.Exit(2)
-    job = _guarded(lambda: load_job(job_file, input_urls=_input_override(input_urls)))
+    job = _guarded(lambda: with_storage_options(
+        load_job(job_file, input_urls=_input_override(input_urls)), _storage_options(storage_options)))
     given = {"gpu": gpu, "tflops": tflops, "mfu": mfu, "decode_mfu": decode_mfu, "counted_shards": count_shards}
     estimate = _guarded(lambda: plan_job(job, **{name: value for name, value in given.items() if value is not None}))
     calibration = None
@@ -129,13 +163,14 @@ def inspect(
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
     html_report: Optional[str] = typer.Option(None, "--html", help="also write a self-contained HTML page of plots"),
     report_rows: int = typer.Option(5000, "--report-rows", min=1, help="samples read for the HTML plots"),
+    storage_options: Optional[str] = typer.Option(None, "--storage-options", metavar="JSON|@FILE", help=_STORAGE_OPTIONS_HELP),
 ) -> None:
     """Summarise a dataset: schema, teachers, captioners, counts, failures, one sample."""
     from dr_pipeline.reader import open_dataset
     from dr_pipeline.summary import dataset_summary, first_sample, print_summary
 
     def summarise() -> tuple[dict[str, Any], dict[str, Any] | None]:
-        dataset = open_dataset(dataset_url)
+        dataset = open_dataset(dataset_url, _storage_options(storage_options))
         if html_report:
             from dr_pipeline.report_html import render_report
 
@@ -159,12 +194,13 @@ def show(
     out: str = typer.Option("grid.png", "--out", help="PNG to write"),
     seed: Optional[int] = typer.Option(None, "--seed", help="seed of the random pick (without --key)"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
+    storage_options: Optional[str] = typer.Option(None, "--storage-options", metavar="JSON|@FILE", help=_STORAGE_OPTIONS_HELP),
 ) -> None:
     """Draw one sample: the original, its K replayed views, captions, and per teacher each view's cosine with the real caption."""
     from dr_pipeline.reader import open_dataset
     from dr_pipeline.show import show_sample
 
-    shown = _guarded(lambda: show_sample(open_dataset(dataset_url), key, out, seed))
+    shown = _guarded(lambda: show_sample(open_dataset(dataset_url, _storage_options(storage_options)), key, out, seed))
     if as_json:
         sys.stdout.write(json.dumps(shown, indent=1) + "\n")
         return
@@ -179,11 +215,12 @@ def show(
 def validate(
     dataset_url: str = typer.Argument(..., metavar="OUT", help="dataset folder URL"),
     workers: int = typer.Option(4, "--workers", min=1, help="units checked at once"),
+    storage_options: Optional[str] = typer.Option(None, "--storage-options", metavar="JSON|@FILE", help=_STORAGE_OPTIONS_HELP),
 ) -> None:
     """Check every unit against the schema and the manifest; exit 1 with one line per problem."""
     from dr_pipeline.validate import validate_dataset
 
-    report = validate_dataset(dataset_url, workers=workers)
+    report = validate_dataset(dataset_url, _guarded(lambda: _storage_options(storage_options)), workers=workers)
     for problem in report.problems:
         typer.echo(problem)
     if report.problems:
@@ -199,13 +236,15 @@ def verify(
     seed: int = typer.Option(0, "--seed", help="seed of the random pick"),
     device: str = typer.Option("cpu", "--device", help="torch device for the teachers, e.g. cuda"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
+    storage_options: Optional[str] = typer.Option(None, "--storage-options", metavar="JSON|@FILE", help=_STORAGE_OPTIONS_HELP),
 ) -> None:
     """Recompute every teacher's embeddings of the replayed views and captions of N samples; compare cosines;
     compare the replayed views' pixels with views rendered from freshly sampled parameters."""
     from dr_pipeline.reader import open_dataset
     from dr_pipeline.verify import verify_dataset
 
-    keys, checks, replay = _guarded(lambda: verify_dataset(open_dataset(dataset_url), samples, seed, device))
+    keys, checks, replay = _guarded(
+        lambda: verify_dataset(open_dataset(dataset_url, _storage_options(storage_options)), samples, seed, device))
     failed = [c for c in checks if c.min < threshold]
     if as_json:
         report = {"samples": keys, "threshold": threshold, "passed": not failed and not replay.mismatched,
@@ -248,14 +287,16 @@ def export(
         True, "--images/--no-images",
         help="include the original images (from the dataset, or read again from its input shards)",
     ),
+    storage_options: Optional[str] = typer.Option(None, "--storage-options", metavar="JSON|@FILE", help=_STORAGE_OPTIONS_HELP),
 ) -> None:
     """Write a dataset in another training layout: datacompdr = Apple's DataCompDR tars + config.json."""
     from dr_pipeline.export import export_datacompdr
     from dr_pipeline.reader import open_dataset
 
     def write() -> Any:
+        options = _storage_options(storage_options)
         return export_datacompdr(
-            open_dataset(dataset_url), dest, images=images,
+            open_dataset(dataset_url, options), dest, images=images, dest_storage_options=options,
             on_unit=lambda unit_id, so_far: console.print(f"{unit_id}: {so_far.samples} samples so far", highlight=False),
         )
 

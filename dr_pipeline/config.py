@@ -344,3 +344,15 @@ def load_job(
             if isinstance(data["output"], dict):
                 data["output"]["url"] = output_url
     return parse_job(data, str(path))
+
+
+def with_storage_options(job: JobConfig, options: dict[str, Any]) -> JobConfig:
+    """`job` with `options` (from the command line or the environment) under its input's and
+    output's storage options; what the job file sets wins, key by key."""
+    if not options:
+        return job
+    sections = {
+        name: section.model_copy(update={"storage_options": {**options, **section.storage_options}})
+        for name, section in (("input", job.input), ("output", job.output))
+    }
+    return job.model_copy(update=sections)

@@ -34,6 +34,7 @@ import torch
 from dr_pipeline.config import JobConfig, parse_job
 from dr_pipeline.decode import decode_image
 from dr_pipeline.errors import ConfigError, DrGenError
+from dr_pipeline.lease import OutputLease
 from dr_pipeline.manifest import (
     StatsSum,
     manifest_head,
@@ -57,6 +58,7 @@ from dr_pipeline.runner import (
     ray_session,
     run_unit_tasks,
     start_workers,
+    with_storage_retries,
 )
 from dr_pipeline.schema import DatasetLayout, storage_columns
 from dr_pipeline.sidecars import SidecarColumn, SidecarLayout, sidecar_folder
@@ -336,6 +338,20 @@ def extend_dataset(
     out, manifest = read_manifest(job.output.url, job.output.storage_options)
     if manifest["status"] != "complete":
         raise ConfigError(f"{redact_url(out.url())} is not complete: finish its run before extending it")
+    with OutputLease(out):
+        return _extend_planned(job, out, manifest, started, address, on_progress)
+
+
+def extend_unit_retrying(*args: Any) -> dict[str, Any]:
+    """Ray task: extend_unit, redone on transient storage errors (runner.with_storage_retries)."""
+    return with_storage_retries(lambda: extend_unit(*args))
+
+
+def _extend_planned(
+    job: JobConfig, out: Location, manifest: dict[str, Any], started: float, address: str | None,
+    on_progress: Callable[[RunProgress], None] | None,
+) -> RunSummary:
+    """extend_dataset once this run holds the output's lease."""
     extension = plan_extension(job, manifest)
     units = read_plan(out).units
     summary = RunSummary(output=out.url(), units_planned=len(units))
@@ -357,16 +373,18 @@ def extend_dataset(
             sidecar = sidecar_layout(extension, cards)
             out.write_json_atomic({"cards": cards, "layout": sidecar.to_dict()}, sidecar.extension_file)
             caption_sizes = caption_input_sizes(cards)
-            task = ray.remote(num_cpus=1, max_retries=2, retry_exceptions=[OSError])(extend_unit)
+            task = ray.remote(num_cpus=1, max_retries=2, retry_exceptions=[OSError])(extend_unit_retrying)
             task_args = (extension, sidecar, caption_sizes)
-            _, progress = run_unit_tasks(task, todo, task_args, workers, nodes, extension.job, summary, on_progress)
+            returned, progress = run_unit_tasks(task, todo, task_args, workers, nodes, extension.job, summary,
+                                                on_progress)
             summary.seconds = time.time() - started
             done = read_unit_stats(out, units, sidecar_folder(extension.id))
             written = StatsSum()
             for unit in todo:
                 if unit.id in done:
                     written.add(done[unit.id])
-            runs = [run_record(started, summary.seconds, summary.startup_seconds, progress, written, nodes)]
+            runs = [run_record(started, summary.seconds, summary.startup_seconds, progress, written, nodes,
+                               returned.storage_retries)]
     else:  # killed after the last sidecar unit, before the manifest
         saved = out.read_json(sidecar_folder(extension.id), "extension.json")
         cards, sidecar = saved["cards"], SidecarLayout.from_dict(saved["layout"])

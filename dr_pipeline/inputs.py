@@ -29,12 +29,12 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 from braceexpand import braceexpand
-from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 from webdataset.tariterators import base_plus_ext
 
 from dr_pipeline.config import InputConfig
 from dr_pipeline.errors import ConfigError
+from dr_pipeline.storage import RetryingReader, filesystem, filesystem_options, fresh, path_exists, retrying
 
 ShardFormat = Literal["webdataset", "parquet"]
 
@@ -105,7 +105,7 @@ def list_shards(config: InputConfig) -> list[str]:
 def _expand_pattern(pattern: str, storage_options: dict[str, Any]) -> list[str]:
     urls = list(braceexpand(pattern))
     try:
-        fs, _ = url_to_fs(urls[0], **storage_options)
+        fs, _ = filesystem(urls[0], storage_options)
     except (ImportError, ValueError) as error:
         raise ConfigError(f"input {pattern!r}: cannot use its filesystem ({error_summary(error)})") from None
     try:
@@ -144,14 +144,14 @@ def _remote_matches(pattern: str, urls: list[str], fs: fsspec.AbstractFileSystem
         else:
             literals.append(fs.unstrip_protocol(fs._strip_protocol(url)))
     for url in dict.fromkeys(literals[:1] + literals[-1:]):
-        if not fs.isfile(url):
+        if not path_exists(fs, url):
             raise ConfigError(f"input {pattern!r}: {url} does not exist")
     return matches + literals
 
 
 def _glob_files(fs: fsspec.AbstractFileSystem, pattern: str) -> list[str]:
-    """Matching files only, from the listing itself (no stat per match)."""
-    found = fs.glob(pattern, detail=True)
+    """Matching files only, from a fresh listing itself (no stat per match)."""
+    found = retrying(lambda: fresh(fs).glob(pattern, detail=True))
     return [path for path, info in found.items() if info.get("type") == "file"]
 
 
@@ -172,7 +172,7 @@ def detect_format(url: str, config: InputConfig) -> ShardFormat:
     if _PARQUET_NAME.search(url):
         return "parquet"
     try:
-        with fsspec.open(url, "rb", **config.storage_options) as file:
+        with _open_shard(url, config) as file:
             head = file.read(512)
     except (*_UNOPENABLE, ValueError) as error:  # a storage hiccup propagates, as when reading
         raise ConfigError(f"{url}: cannot read it to detect its format ({error_summary(error)})") from None
@@ -202,13 +202,20 @@ def iter_shard(url: str, config: InputConfig) -> Iterator[RawSample | InputFailu
     shard = _shard_name(url)
     try:
         shard_format = detect_format(url, config)
-        file = fsspec.open(url, "rb", **config.storage_options).open()
+        file = _open_shard(url, config)
     except (ConfigError, *_UNOPENABLE) as error:
         yield InputFailure(f"{shard}#unreadable", "unreadable_shard", error_summary(error))
         return
     read = _iter_tar if shard_format == "webdataset" else _iter_parquet
     with file:
         yield from read(_StorageErrorTrap(file), shard, config)
+
+
+def _open_shard(url: str, config: InputConfig) -> RetryingReader:
+    """The shard for reading, reopened where it was when a transient storage error cuts a read."""
+    filesystem(url, config.storage_options)  # the instance fsspec.open reuses, its own retries cut
+    options = filesystem_options(url, config.storage_options)
+    return RetryingReader(lambda: fsspec.open(url, "rb", **options).open())
 
 
 def _shard_name(url: str) -> str:

@@ -36,9 +36,9 @@ def _now() -> str:
 
 
 def committed_unit_ids(out: Location, units: Iterable[Unit], folder: str = DATA_DIR) -> set[str]:
-    """Ids of the units of the plan whose stats marker exists in `folder`: one listing, no reads."""
+    """Ids of the units of the plan whose stats marker exists in `folder`: one fresh listing, no reads."""
     wanted = {u.id for u in units}
-    names = (path.rsplit("/", 1)[-1] for path in out.fs.glob(out.join(folder, "*" + STATS_SUFFIX)))
+    names = (path.rsplit("/", 1)[-1] for path in out.glob(f"{folder}/*{STATS_SUFFIX}"))
     return {name[: -len(STATS_SUFFIX)] for name in names} & wanted
 
 
@@ -55,7 +55,7 @@ def iter_unit_stats(out: Location, unit_ids: Iterable[str], folder: str = DATA_D
 
 def _read_markers(out: Location, paths: list[str]) -> Iterator[dict[str, Any]]:
     if paths:
-        contents = out.fs.cat(paths)
+        contents = out.cat(paths)
         yield from (json.loads(contents[path]) for path in paths)
 
 
@@ -79,6 +79,7 @@ class StatsSum:
     failures_by_reason: Counter[str] = field(default_factory=Counter)
     seconds_by_stage: Counter[str] = field(default_factory=Counter)
     units_by_node: Counter[str] = field(default_factory=Counter)
+    storage_retries: int = 0  # counted by the unit tasks that returned these stats (not in the markers)
 
     def add(self, stats: dict[str, Any]) -> None:
         self.units += 1
@@ -91,6 +92,7 @@ class StatsSum:
         self.seconds_by_stage.update(stats.get("seconds_by_stage", {}))
         if stats.get("node_id"):
             self.units_by_node[stats["node_id"]] += 1
+        self.storage_retries += stats.get("storage_retries", 0)
 
     def totals(self, units_planned: int) -> dict[str, Any]:
         """The manifest's "totals"."""
@@ -177,7 +179,7 @@ def read_runs(out: Location) -> list[dict[str, Any]]:
 
 
 def write_runs(out: Location, runs: list[dict[str, Any]]) -> None:
-    out.write_json_atomic({"runs": runs}, RUNS_FILE)
+    out.write_json_atomic({"runs": runs}, RUNS_FILE)  # retried on transient errors (storage.retrying)
 
 
 def read_manifest(url: str, storage_options: dict[str, Any] | None = None) -> tuple[Location, dict[str, Any]]:

@@ -123,11 +123,12 @@ class ProgressTracker:
 
 def run_record(
     started_at: float, wall_seconds: float, startup_seconds: float, progress: RunProgress, written: StatsSum,
-    actor_nodes: list[str],
+    actor_nodes: list[str], storage_retries: int = 0,
 ) -> dict[str, Any]:
     """This run's entry in the manifest's "runs": what it did, how fast, where the time went
     (seconds by stage summed over the units it wrote; stages of different units overlap in time)
-    and where it ran (Ray node ids of the model actors, units written per node)."""
+    and where it ran (Ray node ids of the model actors, units written per node); `storage_retries`:
+    transient storage errors retried by the driver and by the unit tasks that committed."""
     return {
         "started_at": datetime.datetime.fromtimestamp(started_at, datetime.timezone.utc).isoformat(timespec="seconds"),
         "wall_seconds": round(wall_seconds, 3),
@@ -142,6 +143,7 @@ def run_record(
         "seconds_by_stage": {name: round(value, 3) for name, value in sorted(written.seconds_by_stage.items())},
         "actor_nodes": actor_nodes,
         "units_by_node": dict(sorted(written.units_by_node.items())),
+        "storage_retries": storage_retries,
     }
 
 

@@ -51,6 +51,7 @@ class ReinforcedDataset:
 
     def __init__(self, url: str, storage_options: dict[str, Any] | None = None):
         self.location, self.manifest = read_manifest(url, storage_options)
+        self.storage_options = storage_options or {}  # also for its input shards, unless told others (replay.py)
         self.layout = DatasetLayout.from_dict(self.manifest["layout"])
         self.sidecars = [SidecarLayout.from_dict(entry) for entry in self.manifest.get("extensions", [])]
         self._members = base_layout(self.layout, self.sidecars).webdataset_members(keep_images=True)

@@ -35,8 +35,11 @@ def dataset_job(dataset: ReinforcedDataset) -> JobConfig:
 
 
 def _input_config(dataset: ReinforcedDataset, storage_options: dict[str, Any] | None) -> InputConfig:
-    """The recorded input settings with caller-given storage options (the manifest stores none: credentials)."""
+    """The recorded input settings with caller-given storage options (the manifest stores none:
+    credentials), else those the dataset was opened with."""
     recorded = dataset.manifest["config"]["input"]
+    if storage_options is None:
+        storage_options = getattr(dataset, "storage_options", None)
     return InputConfig.model_validate({**recorded, "storage_options": storage_options or {}})
 
 

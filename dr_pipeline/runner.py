@@ -23,6 +23,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from dr_pipeline.config import JobConfig, ResourcesConfig
 from dr_pipeline.errors import ConfigError, DrGenError
 from dr_pipeline.inputs import list_shards
+from dr_pipeline.lease import OutputLease
 from dr_pipeline.manifest import (
     MANIFEST_FILE,
     StatsSum,
@@ -34,11 +35,13 @@ from dr_pipeline.manifest import (
     write_runs,
 )
 from dr_pipeline.model_worker import BatchResult, ModelWorker
-from dr_pipeline.plan import Plan, Unit, check_plan_matches, make_plan, read_plan, write_plan
+from dr_pipeline.plan import DATA_DIR, Plan, Unit, check_plan_matches, make_plan, read_plan, write_plan
 from dr_pipeline.prepare import ViewBatch, caption_input_sizes, failure_record, prepare_unit
 from dr_pipeline.progress import POLL_SECONDS, ProgressTracker, RunProgress, UnitReporter, run_record, start_tally
 from dr_pipeline.schema import CaptionerColumns, DatasetLayout, TeacherColumns
-from dr_pipeline.storage import Location, redact_url
+from dr_pipeline.storage import (
+    STORAGE_ATTEMPTS, Location, backoff, count_retry, is_transient, redact_url, retrying, storage_retries,
+)
 from dr_pipeline.timing import StageClock
 from dr_pipeline.writers import failures_bytes, open_unit_writer, unit_columns
 from teachers import check_spec
@@ -87,14 +90,15 @@ def _check_writable(out: Location) -> None:
 def plan_output(job: JobConfig, overwrite: bool) -> tuple[Location, Plan]:
     """Validate the output folder and return the frozen plan (listing the input only on a first run)."""
     out = Location.from_url(job.output.url, job.output.storage_options)
-    existing = read_plan(out) if out.fs.exists(out.path) else None
+    existing = read_plan(out) if out.exists() else None
     if existing and overwrite:
-        out.fs.rm(out.path, recursive=True)
+        OutputLease(out).refuse_if_held()  # never delete what another run is writing
+        retrying(lambda: out.fs.rm(out.path, recursive=True))
         existing = None
     if existing:
         check_plan_matches(out, job, existing.config_hash)
         return out, existing
-    shards = list_shards(job.input)
+    shards = retrying(lambda: list_shards(job.input))
     _check_writable(out)
     return out, write_plan(out, job, make_plan(shards))
 
@@ -154,8 +158,30 @@ def model_results(
         yield from finish_oldest()
 
 
+def with_storage_retries(produce: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """A unit's stats from `produce()`, which is redone from scratch (with backoff, at most
+    STORAGE_ATTEMPTS times) when a transient storage error escapes it, e.g. a connection dropped
+    mid-shard; the stats returned (not the marker) count the storage retries of this unit."""
+    retries_before = storage_retries()
+    for attempt in range(1, STORAGE_ATTEMPTS + 1):
+        try:
+            stats = produce()
+            break
+        except Exception as error:
+            if attempt == STORAGE_ATTEMPTS or not is_transient(error):
+                raise
+        count_retry()
+        backoff(attempt)
+    return {**stats, "storage_retries": storage_retries() - retries_before}
+
+
 def process_unit(unit: Unit, job: JobConfig, models: list[Any], worker: Any, tally: Any = None) -> dict[str, Any]:
-    """Ray task: produce and commit one unit; returns its stats (also written as the marker).
+    """Ray task: produce and commit one unit, redone on transient storage errors; returns its stats."""
+    return with_storage_retries(lambda: produce_unit(unit, job, models, worker, tally))
+
+
+def produce_unit(unit: Unit, job: JobConfig, models: list[Any], worker: Any, tally: Any = None) -> dict[str, Any]:
+    """Produce and commit one unit; returns its stats (also written as the marker).
 
     `models` holds, unresolved, the ref of the model actors' `describe()`: the task starts (and
     imports) while the actors load their models, and waits for their cards only here.
@@ -350,7 +376,32 @@ def run_job(
     started = time.time()
     check_job(job)
     out, plan = plan_output(job, overwrite)
+    with OutputLease(out) as lease:
+        return _run_planned(job, out, plan, started, address, on_progress, lease)
+
+
+def _write_manifest_from_markers(
+    out: Location, head: dict[str, Any], units: list[Unit], tail: dict[str, Any]
+) -> None:
+    """dataset.json from a fresh listing of the markers; streamed, so retried as a whole."""
+    retrying(lambda: write_manifest(out, head, iter_unit_stats(out, _committed_ids(out, units)), len(units), tail))
+
+
+def _run_planned(
+    job: JobConfig, out: Location, plan: Plan, started: float, address: str | None,
+    on_progress: Callable[[RunProgress], None] | None, lease: OutputLease,
+) -> RunSummary:
+    """run_job once the plan is fixed and this run holds the output's lease."""
+    retries_at_start = storage_retries()
+
+    def report_progress(progress: RunProgress) -> None:
+        lease.check()
+        if on_progress:
+            on_progress(progress)
+
     units = plan.units
+    for folder in ("", DATA_DIR):  # left by a killed run (between an object's copy and delete, on S3)
+        out.remove_temps_in(folder)
     committed = committed_unit_ids(out, units)
     summary = RunSummary(output=out.url(), units_planned=len(units), units_skipped=len(committed))
     todo = [u for u in units if u.id not in committed]
@@ -363,8 +414,7 @@ def run_job(
             cards = manifest_cards(previous)
             head = manifest_head(job, layout_for(job, cards), cards, plan.created_at)
             del previous
-            write_manifest(out, head, iter_unit_stats(out, _committed_ids(out, units)), len(units),
-                           {"runs": read_runs(out)})
+            _write_manifest_from_markers(out, head, units, {"runs": read_runs(out)})
         summary.seconds = time.time() - started
         return summary
     with ray_session(address):
@@ -383,18 +433,19 @@ def run_job(
             summary.startup_seconds = time.time() - started
             cards = {"teachers": described["teachers"], "captioners": described["captioners"]}
             head.update(manifest_head(job, layout_for(job, cards), cards, plan.created_at))
-            write_manifest(out, head, iter_unit_stats(out, _committed_ids(out, units)), len(units), {"runs": runs})
+            _write_manifest_from_markers(out, head, units, {"runs": runs})
 
         unit_task = ray.remote(num_cpus=1, max_retries=2, retry_exceptions=[OSError])(process_unit)
         task_args = (job, [described_refs[0]])
         written, progress = run_unit_tasks(
-            unit_task, todo, task_args, workers, nodes, job, summary, on_progress, write_started_manifest
+            unit_task, todo, task_args, workers, nodes, job, summary, report_progress, write_started_manifest
         )
         del todo
         summary.seconds = time.time() - started
-        runs.append(run_record(started, summary.seconds, summary.startup_seconds, progress, written, nodes))
+        retries = written.storage_retries + storage_retries() - retries_at_start
+        runs.append(run_record(started, summary.seconds, summary.startup_seconds, progress, written, nodes, retries))
         write_runs(out, runs)
         cards = manifest_cards(head)
         final_head = manifest_head(job, layout_for(job, cards), cards, plan.created_at)
-        write_manifest(out, final_head, iter_unit_stats(out, _committed_ids(out, units)), len(units), {"runs": runs})
+        _write_manifest_from_markers(out, final_head, units, {"runs": runs})
     return summary

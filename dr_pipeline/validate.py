@@ -238,7 +238,7 @@ class DatasetValidator:
     def _file_problem(self, info: dict[str, Any]) -> str | None:
         """Why a recorded file is not as recorded (None when it is); checksum only when the size agrees."""
         path = self.out.join(info["path"])
-        if not self.out.fs.exists(path):
+        if not self.out.exists(info["path"]):  # asked of the store, not of a cached listing
             return "missing"
         size = self.out.fs.size(path)
         if size != info["bytes"]:
