@@ -10,9 +10,11 @@ from typing import Any, Callable, Optional, TypeVar
 import fsspec
 import typer
 from rich.console import Console
-from rich.table import Table
+from rich.table import Column, Table
+from rich.text import Text
 
 from dr_pipeline.errors import ConfigError, DatasetError, DrGenError
+from dr_pipeline.run_log import library_output_to_log
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Generate and inspect reinforced datasets.")
 console = Console()
@@ -20,16 +22,26 @@ errors = Console(stderr=True)
 T = TypeVar("T")
 
 
+def _print_error(message: str) -> None:
+    """`error: message` on stderr, the message as plain text (brackets in paths and patterns kept)."""
+    errors.print(Text.assemble(("error:", "red"), " ", message), highlight=False, soft_wrap=True)
+
+
 def _guarded(action: Callable[[], T]) -> T:
     """Run `action`; user-fixable problems become one line and exit code 2."""
     try:
         return action()
     except (ConfigError, DatasetError) as error:
-        errors.print(f"[red]error:[/red] {error}", highlight=False, soft_wrap=True)
+        _print_error(str(error))
         raise typer.Exit(2) from None
     except DrGenError as error:
-        errors.print(f"[red]error:[/red] {error}", highlight=False, soft_wrap=True)
+        _print_error(str(error))
         raise typer.Exit(1) from None
+
+
+def _quiet(command: str, always_announce: bool = False):
+    """Library output of `command` to its log file (dr_pipeline.run_log)."""
+    return library_output_to_log(command, [console, errors], errors, always_announce)
 
 
 def _input_override(input_urls: list[str] | None) -> str | list[str] | None:
@@ -58,11 +70,11 @@ def run(
     from dr_pipeline.runner import run_job
 
     if extend is not None and (output_url is not None or overwrite):
-        errors.print("[red]error:[/red] --extend OUT names the output: drop --output and --overwrite", highlight=False)
+        _print_error("--extend OUT names the output: drop --output and --overwrite")
         raise typer.Exit(2)
     output = extend if extend is not None else output_url
     job = _guarded(lambda: load_job(job_file, input_urls=_input_override(input_urls), output_url=output))
-    with ProgressDisplay(console, job.name) as display:
+    with _quiet(job.name, always_announce=True), ProgressDisplay(console, job.name) as display:
         if extend is not None:
             summary = _guarded(lambda: extend_dataset(job, address=address, on_progress=display.update))
         else:
@@ -70,11 +82,11 @@ def run(
     console.print(
         f"{summary.output}: {summary.units_done} units written, {summary.units_skipped} already committed, "
         f"{summary.samples} samples, {summary.failures} failures in {summary.seconds:.1f}s "
-        f"({summary.startup_seconds:.1f}s starting models)"
+        f"({summary.startup_seconds:.1f}s starting models)", markup=False, highlight=False, soft_wrap=True,
     )
     if summary.units_failed:
         for unit_id, reason in summary.units_failed:
-            errors.print(f"unit {unit_id} failed: {reason}", highlight=False, soft_wrap=True)
+            errors.print(f"unit {unit_id} failed: {reason}", markup=False, highlight=False, soft_wrap=True)
         errors.print("rerun the same command to retry the failed units", highlight=False)
         raise typer.Exit(1)
 
@@ -129,7 +141,7 @@ def inspect(
     else:
         print_summary(summary, sample, console)
     if html_report:
-        errors.print(f"wrote {html_report}", highlight=False, soft_wrap=True)
+        errors.print(f"wrote {html_report}", markup=False, highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -144,15 +156,16 @@ def show(
     from dr_pipeline.reader import open_dataset
     from dr_pipeline.show import show_sample
 
-    shown = _guarded(lambda: show_sample(open_dataset(dataset_url), key, out, seed))
+    with _quiet("show"):
+        shown = _guarded(lambda: show_sample(open_dataset(dataset_url), key, out, seed))
     if as_json:
         sys.stdout.write(json.dumps(shown, indent=1) + "\n")
         return
     console.print(f"{shown['key']} (unit {shown['unit']}) -> {out} ({shown['png_size'][0]} x {shown['png_size'][1]})",
-                  highlight=False, soft_wrap=True)
+                  markup=False, highlight=False, soft_wrap=True)
     console.print("cosine of each view's embedding with the real caption's embedding:", highlight=False)
     for teacher, cosines in shown["cosines"].items():
-        console.print(f"  {teacher}  " + " ".join(f"{c:.4f}" for c in cosines), highlight=False, soft_wrap=True)
+        console.print(f"  {teacher}  " + " ".join(f"{c:.4f}" for c in cosines), markup=False, highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -184,29 +197,33 @@ def verify(
     from dr_pipeline.reader import open_dataset
     from dr_pipeline.verify import verify_dataset
 
-    keys, checks = _guarded(lambda: verify_dataset(open_dataset(dataset_url), samples, seed, device))
+    with _quiet("verify"):
+        keys, checks = _guarded(lambda: verify_dataset(open_dataset(dataset_url), samples, seed, device))
     failed = [c for c in checks if c.min < threshold]
     if as_json:
         report = {"samples": keys, "threshold": threshold, "passed": not failed,
                   "teachers": [c.to_dict() for c in checks]}
         sys.stdout.write(json.dumps(report, indent=1) + "\n")
     else:
-        table = Table("teacher", "min", "mean", "views min / mean", "texts min / mean", "worst sample",
+        # ids and keys are never cut: their columns are as wide as their longest entry, the numbers wrap
+        table = Table(Column("teacher", min_width=max((len(c.teacher) for c in checks), default=7)),
+                      "min", "mean", "views min / mean", "texts min / mean",
+                      Column("worst sample", min_width=max((len(str(c.worst_key)) for c in checks), default=12)),
                       title=f"cosine of recomputed and stored embeddings, {len(keys)} samples", title_justify="left")
         for check in checks:
             parts = check.to_dict()
-            table.add_row(check.teacher, f"{check.min:.6f}", f"{check.mean:.6f}",
+            table.add_row(Text(check.teacher), f"{check.min:.6f}", f"{check.mean:.6f}",
                           *(f"{parts[p]['min']:.6f} / {parts[p]['mean']:.6f}" if parts[p] else "-"
                             for p in ("image", "text")),
-                          str(check.worst_key))
+                          Text(str(check.worst_key)))
         console.print(table)
         for check in checks:
             if check.card_differences:
                 console.print(f"note: {check.teacher} rebuilt from its spec differs from its card in "
-                              f"{', '.join(check.card_differences)}", highlight=False, soft_wrap=True)
+                              f"{', '.join(check.card_differences)}", markup=False, highlight=False, soft_wrap=True)
     for check in failed:
         errors.print(f"{check.teacher}: min cosine {check.min:.6f} below {threshold} (sample {check.worst_key})",
-                     highlight=False, soft_wrap=True)
+                     markup=False, highlight=False, soft_wrap=True)
     if failed:
         raise typer.Exit(1)
 
@@ -232,11 +249,14 @@ def export(
     def write() -> Any:
         return export_datacompdr(
             open_dataset(dataset_url), dest, images=images,
-            on_unit=lambda unit_id, so_far: console.print(f"{unit_id}: {so_far.samples} samples so far", highlight=False),
+            on_unit=lambda unit_id, so_far: console.print(f"{unit_id}: {so_far.samples} samples so far", markup=False,
+                                                             highlight=False),
         )
 
-    summary = _guarded(write)
-    console.print(f"{summary.dest}: {summary.units} tars, {summary.samples} samples ({export_format.value})")
+    with _quiet("export"):
+        summary = _guarded(write)
+    console.print(f"{summary.dest}: {summary.units} tars, {summary.samples} samples ({export_format.value})",
+                  markup=False, highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -273,7 +293,7 @@ def sample_data(
             raise ConfigError(f"sample-data needs {missing.name}: pip install 'dr-gen[demo]'") from None
 
     written = _guarded(write)
-    console.print(f"wrote {len(written)} shards to {dest}")
+    console.print(f"wrote {len(written)} shards to {dest}", markup=False, highlight=False, soft_wrap=True)
 
 
 if __name__ == "__main__":

@@ -167,6 +167,8 @@ class ProgressDisplay:
             self._bar = Progress(
                 TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("units"),
                 TextColumn("{task.fields[line]}"), TimeElapsedColumn(), console=self.console,
+                # what libraries print goes to the run's log (run_log), not through the bar onto the screen
+                redirect_stdout=False, redirect_stderr=False,
             )
             self._bar.__enter__()
             self._task = self._bar.add_task(self.title, total=None, line="starting models")
