@@ -18,7 +18,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from dr_pipeline.augment import ViewParams
 from dr_pipeline.errors import DatasetError
 from dr_pipeline.manifest import read_manifest
 from dr_pipeline.schema import DatasetLayout, from_storage
@@ -52,18 +51,20 @@ class ReinforcedDataset:
     def __len__(self) -> int:
         return self.manifest["totals"]["samples"]
 
-    def iter_samples(self, units: list[str] | None = None) -> Iterator[dict[str, Any]]:
+    def iter_samples(self, units: list[str] | None = None, view_params: bool = True) -> Iterator[dict[str, Any]]:
+        """Rows of every unit (or of `units`); `view_params=False` leaves "aug" as plain records
+        (dicts), which spares importing the renderer and torch (`inspect`)."""
         wanted = set(units) if units is not None else None
         for unit in self.units:
             if wanted is None or unit["id"] in wanted:
-                yield from self.iter_unit(unit)
+                yield from self.iter_unit(unit, view_params)
 
     def failures(self, unit: dict[str, Any]) -> list[dict[str, Any]]:
         """The unit's rejected input samples: {"key", "reason", "detail"} each, in input order."""
         text = self.location.read_bytes(unit["files"]["failures"]["path"]).decode()
         return [json.loads(line) for line in text.splitlines() if line.strip()]
 
-    def iter_unit(self, unit: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    def iter_unit(self, unit: dict[str, Any], view_params: bool = True) -> Iterator[dict[str, Any]]:
         """The unit's rows, in order, joined with the unit's sidecar rows."""
         files = [self._iter_file(unit["files"]["data"]["path"], self._members)]
         files += [self._iter_file(unit["files"][s.extension]["path"], s.webdataset_members()) for s in self.sidecars]
@@ -72,17 +73,20 @@ class ReinforcedDataset:
                 raise DatasetError(f"unit {unit['id']}: its sidecar files and data file differ in length")
             for sidecar, extra in zip(self.sidecars, extras):
                 sidecar.join(row, extra, f"unit {unit['id']}")
-            yield self._decode_embeddings(row)
+            yield self._decode_embeddings(row, view_params)
 
     def _iter_file(self, relative_path: str, members: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         array_names = set(self.layout.stored_arrays())
         return file_rows(self.location, relative_path, self.manifest["format"], members, array_names)
 
-    def _decode_embeddings(self, row: dict[str, Any]) -> dict[str, Any]:
+    def _decode_embeddings(self, row: dict[str, Any], view_params: bool = True) -> dict[str, Any]:
         dtype, scales = self.layout.embedding_dtype, self.layout.scale_columns()
         for name in self.layout.embedding_shapes():
             row[name] = from_storage(row[name], dtype, row.pop(scales[name]) if name in scales else None)
-        row["aug"] = [ViewParams.from_record(r) for r in row["aug"]]
+        if view_params:
+            from dr_pipeline.augment import ViewParams  # imports torch
+
+            row["aug"] = [ViewParams.from_record(r) for r in row["aug"]]
         return row
 
 
