@@ -87,7 +87,10 @@ def run(
     if summary.units_failed:
         for unit_id, reason in summary.units_failed:
             errors.print(f"unit {unit_id} failed: {reason}", markup=False, highlight=False, soft_wrap=True)
-        errors.print("rerun the same command to retry the failed units", highlight=False)
+        if len(summary.units_refused) == len(summary.units_failed):  # bad input: a rerun would fail the same way
+            raise typer.Exit(2)
+        errors.print("rerun the same command to retry the failed units"
+                     + (" (fix the input of the others first)" if summary.units_refused else ""), highlight=False)
         raise typer.Exit(1)
 
 

@@ -50,7 +50,8 @@ def _checked(data: bytes, row: dict[str, Any], shard: str) -> bytes:
     if hashlib.sha256(data).hexdigest() != row["image_sha256"]:
         raise DatasetError(
             f"sample {row['source_key']!r}: the image in {redact_url(shard)} differs from the one reinforced "
-            "(sha256 mismatch; the input changed since the run)"
+            "(sha256 mismatch): the input changed since the run; put the original shard back at that URL "
+            "(a dataset written with output.keep_images needs no input)"
         )
     return data
 

@@ -39,10 +39,11 @@ def new_log_path(command: str) -> Path:
 def library_output_to_log(command: str, consoles: list[Console], announce: Console,
                           always_announce: bool = False) -> Iterator[Path]:
     """Descriptors 1 and 2 go to a fresh log file while the block runs; `consoles` keep writing
-    to the original stdout / stderr. The log's path is printed once on `announce`: at the start
-    when `always_announce` (a run: worth knowing while it runs), else at the end and only when
-    something was logged. An unexpected exception is logged with its traceback and becomes one
-    line naming the log, exit code 1."""
+    to the original stdout / stderr. The log's path is printed once on `announce`, at the end:
+    always when `always_announce` (a run), else only when something was logged; never after
+    bad input (exit code 2: its one line is all the user needs). An empty log is removed.
+    An unexpected exception is logged with its traceback and becomes one line naming the log,
+    exit code 1."""
     import typer
 
     path = new_log_path(command)
@@ -52,17 +53,24 @@ def library_output_to_log(command: str, consoles: list[Console], announce: Conso
     opened = {fd: _stream_for(stream, fd, saved[fd]) for fd, stream in ((1, sys.stdout), (2, sys.stderr))}
     for console in consoles:
         console.file = opened[2 if console.stderr else 1] or (sys.stderr if console.stderr else sys.stdout)
+    exit_code = 0
+    named_in_error = False
     with open(path, "ab", buffering=0) as log:
         os.dup2(log.fileno(), 1)
         os.dup2(log.fileno(), 2)
         try:
-            if always_announce:
-                announce.print(f"log: {path}", markup=False, highlight=False, soft_wrap=True)
             yield path
-        except (typer.Exit, SystemExit, KeyboardInterrupt):
+        except typer.Exit as stop:
+            exit_code = stop.exit_code
             raise
-        except Exception as error:  # noqa: BLE001 - anything unexpected: details to the log, one line to the user
+        except (SystemExit, KeyboardInterrupt):
+            exit_code = 1
+            raise
+        except Exception:  # noqa: BLE001 - anything unexpected: details to the log, one line to the user
             traceback.print_exc(file=sys.stderr)
+            exit_code = 1
+            named_in_error = True
+            error = sys.exc_info()[1]
             announce.print(f"error: {_last_line(error)} (details in {path})", markup=False, highlight=False,
                            soft_wrap=True)
             raise typer.Exit(1) from None
@@ -77,10 +85,11 @@ def library_output_to_log(command: str, consoles: list[Console], announce: Conso
             for stream in opened.values():
                 if stream is not None:
                     stream.close()
-    if not always_announce and path.stat().st_size:
-        announce.print(f"library messages: {path}", markup=False, highlight=False, soft_wrap=True)
-    elif not always_announce:
-        path.unlink()
+            keep = always_announce or path.stat().st_size > 0
+            if not keep:
+                path.unlink()
+            elif exit_code != 2 and not named_in_error:
+                announce.print(f"log: {path}", markup=False, highlight=False, soft_wrap=True)
 
 
 def _stream_for(stream, fd: int, saved_fd: int):
