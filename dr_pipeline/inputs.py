@@ -97,7 +97,22 @@ def list_shards(config: InputConfig) -> list[str]:
         if not matches:
             raise ConfigError(f"input {pattern!r} matches no shard")
         shards.update(dict.fromkeys(matches))
-    return sorted(shards, key=_natural_sort_key)
+    return sorted(_without_img2dataset_metadata(list(shards)), key=_natural_sort_key)
+
+
+def _without_img2dataset_metadata(urls: list[str]) -> list[str]:
+    """img2dataset writes beside each shard NNNNN.tar its metadata NNNNN.parquet (one row per URL,
+    with status and error_message) and NNNNN_stats.json: neither is a shard. A .parquet whose
+    .tar is listed too, and every .json file, are dropped (the metadata is read with its tar)."""
+    tars = {url[: -len(".tar")] for url in urls if url.endswith(".tar")}
+    return [url for url in urls
+            if not url.endswith(".json") and not (url.endswith(".parquet") and url[: -len(".parquet")] in tars)]
+
+
+def _folder_shards(fs: fsspec.AbstractFileSystem, path: str) -> list[str]:
+    """The shards of a folder (img2dataset's output folder): its tar and parquet files."""
+    return [found for found in _glob_files(fs, path.rstrip("/") + "/*")
+            if _WEBDATASET_NAME.search(found) or _PARQUET_NAME.search(found)]
 
 
 def _expand_pattern(pattern: str, storage_options: dict[str, Any]) -> list[str]:
@@ -124,6 +139,8 @@ def _local_matches(pattern: str, urls: list[str], fs: LocalFileSystem) -> list[s
             matches += _glob_files(fs, path)
         elif os.path.isfile(path):
             matches.append(path)
+        elif os.path.isdir(path):
+            matches += _folder_shards(fs, path)
         else:
             missing.append(path)
     if missing:
@@ -207,6 +224,34 @@ def iter_shard(url: str, config: InputConfig) -> Iterator[RawSample | InputFailu
     read = _iter_tar if shard_format == "webdataset" else _iter_parquet
     with file:
         yield from read(_StorageErrorTrap(file), shard, config)
+    if shard_format == "webdataset":
+        yield from img2dataset_failures(url, config)
+
+
+def img2dataset_failures(tar_url: str, config: InputConfig) -> Iterator[InputFailure]:
+    """The URLs img2dataset failed to download into the tar at `tar_url`, from the metadata it wrote
+    beside it (NNNNN.parquet: key, status, error_message): a download_failed failure each, with
+    img2dataset's status and message ("failed_to_download: HTTP Error 404: Not Found") as detail.
+    Nothing when there is no such file or it has no status column."""
+    match = _WEBDATASET_NAME.search(tar_url)
+    if match is None or match.group(1).lower() != "tar":
+        return
+    metadata_url = tar_url[: match.start()] + ".parquet" + (match.group(2) or "")
+    try:
+        with fsspec.open(metadata_url, "rb", **config.storage_options) as file:
+            metadata = pq.ParquetFile(file)
+            names = set(metadata.schema_arrow.names)
+            if not {"key", "status"} <= names:
+                return
+            table = metadata.read(columns=[c for c in ("key", "status", "error_message") if c in names])
+    except (*_UNOPENABLE, OSError, ValueError, pa.ArrowException):
+        return
+    messages = table.column("error_message").to_pylist() if "error_message" in table.column_names else None
+    for row, (key, status) in enumerate(zip(table.column("key").to_pylist(), table.column("status").to_pylist())):
+        if status is None or status == "success":
+            continue
+        message = messages[row] if messages else None
+        yield InputFailure(str(key), "download_failed", f"{status}: {message}" if message else str(status))
 
 
 def _shard_name(url: str) -> str:
