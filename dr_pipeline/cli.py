@@ -80,10 +80,12 @@ def run(
         else:
             summary = _guarded(lambda: run_job(job, address=address, overwrite=overwrite, on_progress=display.update))
     console.print(
-        f"{summary.output}: {summary.units_done} units written, {summary.units_skipped} already committed, "
+        f"this run: {summary.units_done} units written, {summary.units_skipped} already committed, "
         f"{summary.samples} samples, {summary.failures} failures in {summary.seconds:.1f}s "
         f"({summary.startup_seconds:.1f}s starting models)", markup=False, highlight=False, soft_wrap=True,
     )
+    console.print(_dataset_line(summary.output, job.output.storage_options), markup=False, highlight=False,
+                  soft_wrap=True)
     if summary.units_failed:
         for unit_id, reason in summary.units_failed:
             errors.print(f"unit {unit_id} failed: {reason}", markup=False, highlight=False, soft_wrap=True)
@@ -92,6 +94,21 @@ def run(
         errors.print("rerun the same command to retry the failed units"
                      + (" (fix the input of the others first)" if summary.units_refused else ""), highlight=False)
         raise typer.Exit(1)
+
+
+def _dataset_line(url: str, storage_options: dict[str, Any]) -> str:
+    """The whole dataset as its manifest now counts it (every run, every --extend), beside this run's line."""
+    from dr_pipeline.storage import Location
+
+    try:
+        manifest = Location.from_url(url, storage_options).read_json("dataset.json")
+        totals = manifest["totals"]
+    except Exception as error:  # noqa: BLE001 - the run's own line was printed; say why this one is missing
+        return f"dataset {url}: no manifest to summarise ({type(error).__name__})"
+    reasons = ", ".join(f"{reason} {count}" for reason, count in totals.get("failures_by_reason", {}).items())
+    return (f"dataset {url}: {totals['units_done']}/{totals['units_planned']} units, "
+            f"{totals['input_samples']} input samples, {totals['samples']} samples, {totals['failures']} failures"
+            + (f" ({reasons})" if reasons else "") + f", {manifest['status']}")
 
 
 @app.command()

@@ -64,6 +64,7 @@ class RawSample:
     image: bytes | None
     image_format: str | None
     url: str | None
+    image_problem: str | None = None  # why `image` is None, when the shard says more than "absent"
 
 
 @dataclass
@@ -340,6 +341,7 @@ class _MemberRun:
     key: str
     suffixes: set[str] = field(default_factory=set)
     data: dict[str, bytes] = field(default_factory=dict)
+    not_files: dict[str, str] = field(default_factory=dict)  # suffix -> what the member is instead (a link, ...)
 
 
 @dataclass(frozen=True)
@@ -375,12 +377,15 @@ class _TarLayout:
         else:
             text = next((meta[name] for name in self.json_text_fields if isinstance(meta.get(name), str)), None)
         url = meta.get(self.json_url_field)
+        linked = next((suffix for suffix in self.image_suffixes if suffix in run.not_files), None)
         return RawSample(
             source_key=_json_key(meta, self.json_key_fields) or run.key,
             text=text,
             image=run.data[image_suffix] if image_suffix else None,
             image_format=_normalise_format(image_suffix) if image_suffix else None,
             url=url if isinstance(url, str) else None,
+            image_problem=None if image_suffix or linked is None
+            else f"the {linked} member is {run.not_files[linked]}, not image bytes: links are never followed",
         )
 
 
@@ -404,7 +409,7 @@ def _iter_tar(file: _StorageErrorTrap, shard: str, config: InputConfig) -> Itera
         with tar:
             while (member := tar.next()) is not None:
                 tar.members.clear()  # stream mode keeps every header otherwise: memory grows with the shard
-                key, suffix = base_plus_ext(member.name) if member.isreg() else (None, None)
+                key, suffix = base_plus_ext(member.name) if not member.isdir() else (None, None)
                 if key is None:
                     continue
                 suffix = suffix.lower()
@@ -413,7 +418,9 @@ def _iter_tar(file: _StorageErrorTrap, shard: str, config: InputConfig) -> Itera
                     run = None
                 run = run or _MemberRun(key)
                 run.suffixes.add(suffix)
-                if suffix in read_suffixes:
+                if not member.isreg():  # never followed: its content is not in this tar
+                    run.not_files[suffix] = _member_kind(member)
+                elif suffix in read_suffixes:
                     run.data[suffix] = tar.extractfile(member).read()
     except tarfile.TarError as error:
         # The sample being read cannot be proven complete, even when the cut fell between its members.
@@ -425,6 +432,15 @@ def _iter_tar(file: _StorageErrorTrap, shard: str, config: InputConfig) -> Itera
         return
     if run is not None:
         yield layout.sample(run)
+
+
+def _member_kind(member: tarfile.TarInfo) -> str:
+    """What a tar member that is not a regular file is, for a failure's detail."""
+    if member.issym():
+        return f"a symbolic link to {member.linkname!r}"
+    if member.islnk():
+        return f"a hard link to {member.linkname!r}"
+    return "not a regular file (a device, fifo or other special member)"
 
 
 def _json_object(data: bytes | None) -> dict[str, Any]:

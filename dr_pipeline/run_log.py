@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import re
 import sys
 import tempfile
 import traceback
@@ -32,7 +33,8 @@ def new_log_path(command: str) -> Path:
     folder = log_dir()
     folder.mkdir(parents=True, exist_ok=True)
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    return folder / f"{command}-{stamp}-{os.getpid()}.log"
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", command)  # a job name may hold spaces or brackets
+    return folder / f"{safe}-{stamp}-{os.getpid()}.log"
 
 
 @contextlib.contextmanager
