@@ -329,7 +329,8 @@ def load_job(
     except OSError as error:
         raise ConfigError(f"{path}: cannot read job file ({error.strerror or error})") from None
     except UnicodeDecodeError as error:
-        raise ConfigError(f"{path}: not a UTF-8 text file (byte {error.start}): save the job file as UTF-8 YAML") from None
+        raise ConfigError(f"{path}: not a UTF-8 text file (byte {error.start}): save the job file as UTF-8 YAML"
+                          ) from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as error:

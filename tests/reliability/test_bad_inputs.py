@@ -358,7 +358,8 @@ def test_extend_over_a_changed_input_shard_says_what_can_help(tmp_path, small_jo
     assert not run_job(parse_job(base)).units_failed
     _write_tar(shard, _members("one", ("jpg", _encoded(_photo(seed=3), "JPEG")), b"One photo.")
                + _members("two", ("jpg", _encoded(_photo(seed=2), "JPEG")), b"Another photo."))
-    extended = dict(base, teachers=[*base["teachers"], {"id": "tiny_vit_16_160", "spec": "open_clip:dr-tiny-vit-16-160"}])
+    added = {"id": "tiny_vit_16_160", "spec": "open_clip:dr-tiny-vit-16-160"}
+    extended = dict(base, teachers=[*base["teachers"], added])
     job = tmp_path / "extend.yaml"
     job.write_text(json.dumps(extended))
     code, _, err = _cli(["run", str(job), "--extend", str(tmp_path / "out")])
