@@ -97,3 +97,14 @@ def test_the_flips_job_is_the_quickstart_with_flips_and_erasing():
     assert (flips.augmentation.horizontal_flip.p, flips.augmentation.random_erasing.p) == (0.5, 0.25)
     assert plain.augmentation.rand_augment == flips.augmentation.rand_augment
     assert plain.teachers == flips.teachers and plain.captioners == flips.captioners
+
+
+def test_package_metadata_builds_without_deprecation_warnings(tmp_path):
+    """`make setup` (pip install -e .) stays quiet: pyproject.toml's license is an SPDX string."""
+    script = "import setuptools.build_meta as b, sys; b.prepare_metadata_for_build_wheel(sys.argv[1])"
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True,
+                          cwd=REPOSITORY, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "deprecat" not in (done.stdout + done.stderr).lower()
+    (metadata,) = tmp_path.glob("*.dist-info/METADATA")
+    assert "License-Expression: Apache-2.0" in metadata.read_text()
