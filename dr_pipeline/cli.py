@@ -183,6 +183,16 @@ def show(
         return
     console.print(f"{shown['key']} (unit {shown['unit']}) -> {out} ({shown['png_size'][0]} x {shown['png_size'][1]})",
                   markup=False, highlight=False, soft_wrap=True)
+    if shown["missing_glyphs"]:
+        errors.print(f"note: {len(shown['missing_glyphs'])} characters of the captions have no glyph in "
+                     f"{shown['font']} and show as boxes ({''.join(shown['missing_glyphs'][:20])}); set "
+                     f"DR_GEN_FONT to a font that has them (e.g. Noto Sans CJK)", markup=False, highlight=False,
+                     soft_wrap=True)
+    if shown["also_matching"]:
+        others = ", ".join(f"{m['key']} in unit {m['unit']}" for m in shown["also_matching"])
+        errors.print(f"note: --key {key} is ambiguous: {1 + len(shown['also_matching'])} samples match; shown: "
+                     f"{shown['key']} in unit {shown['unit']}; also: {others}", markup=False, highlight=False,
+                     soft_wrap=True)
     console.print("cosine of each view's embedding with the real caption's embedding:", highlight=False)
     for teacher, cosines in shown["cosines"].items():
         console.print(f"  {teacher}  " + " ".join(f"{c:.4f}" for c in cosines), markup=False, highlight=False, soft_wrap=True)

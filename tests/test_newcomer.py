@@ -108,3 +108,22 @@ def test_package_metadata_builds_without_deprecation_warnings(tmp_path):
     assert "deprecat" not in (done.stdout + done.stderr).lower()
     (metadata,) = tmp_path.glob("*.dist-info/METADATA")
     assert "License-Expression: Apache-2.0" in metadata.read_text()
+
+
+def test_show_draws_with_a_wide_font_and_names_the_characters_it_cannot(quickstart_run, monkeypatch):
+    from PIL import ImageFont
+
+    from dr_pipeline.show import FONT_SIZE, caption_font, missing_glyphs
+
+    pillow_default = ImageFont.load_default(size=FONT_SIZE)
+    assert missing_glyphs("A cat, привет, 日本", pillow_default) == sorted(set("привет日本"))
+    assert missing_glyphs("A plain Latin caption.", pillow_default) == []
+    _, root = quickstart_run
+    done = _cli(["show", str(root / "out"), "--key", "000000000", "--out", str(root / "grid.png"), "--json"], root)
+    assert done.returncode == 0, done.stderr
+    shown = json.loads(done.stdout)
+    font, name = caption_font(FONT_SIZE)
+    assert shown["font"] == name
+    assert shown["missing_glyphs"] == missing_glyphs("".join(c["text"] for c in shown["captions"]), font)
+    monkeypatch.setenv("DR_GEN_FONT", "/nonexistent/font.ttf")  # ignored: the next candidate is used
+    assert caption_font(FONT_SIZE)[1] == name

@@ -366,3 +366,11 @@ def test_extend_over_a_changed_input_shard_says_what_can_help(tmp_path, small_jo
     assert code == 2, err
     assert "sha256 mismatch" in err and "put the original shard back" in err
     assert "rerun the same command" not in err and "Exception ignored" not in err
+
+
+def test_show_says_when_a_key_is_ambiguous(reference, tmp_path):
+    """"good" is in two input shards (both kept): show draws the first and names the other."""
+    job, _ = reference
+    code, out, err = _cli(["show", job.output.url, "--key", "good", "--out", str(tmp_path / "grid.png")])
+    assert code == 0, err
+    assert "--key good is ambiguous: 2 samples match" in err and "unit a_mixed" in out + err and "d_again" in err
