@@ -10,7 +10,6 @@ from typing import Any, Callable, Optional, TypeVar
 import fsspec
 import typer
 from rich.console import Console
-from rich.table import Column, Table
 from rich.text import Text
 
 from dr_pipeline.errors import ConfigError, DatasetError, DrGenError
@@ -235,18 +234,19 @@ def verify(
                   "teachers": [c.to_dict() for c in checks]}
         sys.stdout.write(json.dumps(report, indent=1) + "\n")
     else:
-        # ids and keys are never cut: their columns are as wide as their longest entry, the numbers wrap
-        table = Table(Column("teacher", min_width=max((len(c.teacher) for c in checks), default=7)),
-                      "min", "mean", "views min / mean", "texts min / mean",
-                      Column("worst sample", min_width=max((len(str(c.worst_key)) for c in checks), default=12)),
-                      title=f"cosine of recomputed and stored embeddings, {len(keys)} samples", title_justify="left")
+        # plain aligned columns, never wrapped or cut to the terminal's width: ids and keys stay whole
+        rows = [("teacher", "min", "mean", "views min / mean", "texts min / mean", "worst sample")]
         for check in checks:
             parts = check.to_dict()
-            table.add_row(Text(check.teacher), f"{check.min:.6f}", f"{check.mean:.6f}",
-                          *(f"{parts[p]['min']:.6f} / {parts[p]['mean']:.6f}" if parts[p] else "-"
-                            for p in ("image", "text")),
-                          Text(str(check.worst_key)))
-        console.print(table)
+            rows.append((check.teacher, f"{check.min:.6f}", f"{check.mean:.6f}",
+                         *(f"{parts[p]['min']:.6f} / {parts[p]['mean']:.6f}" if parts[p] else "-"
+                           for p in ("image", "text")),
+                         str(check.worst_key)))
+        widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
+        console.print(f"cosine of recomputed and stored embeddings, {len(keys)} samples", highlight=False)
+        for row in rows:
+            console.print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip(), markup=False,
+                          highlight=False, soft_wrap=True)
         for check in checks:
             if check.card_differences:
                 console.print(f"note: {check.teacher} rebuilt from its spec differs from its card in "

@@ -127,3 +127,15 @@ def test_show_draws_with_a_wide_font_and_names_the_characters_it_cannot(quicksta
     assert shown["missing_glyphs"] == missing_glyphs("".join(c["text"] for c in shown["captions"]), font)
     monkeypatch.setenv("DR_GEN_FONT", "/nonexistent/font.ttf")  # ignored: the next candidate is used
     assert caption_font(FONT_SIZE)[1] == name
+
+
+def test_verify_prints_whole_teacher_ids_at_80_columns(quickstart_run):
+    _, root = quickstart_run
+    done = subprocess.run([sys.executable, "-m", "dr_pipeline.cli", "verify", str(root / "out"), "--samples", "2"],
+                          capture_output=True, text=True, timeout=600, cwd=root,
+                          env={**os.environ, "PYTHONPATH": str(REPOSITORY), "COLUMNS": "80",
+                               "DR_GEN_LOG_DIR": str(root / "logs")})
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert any(line.startswith("tiny_vit_16_160  ") for line in lines)
+    assert any(line.startswith("tiny_vit_32  ") for line in lines) and "…" not in done.stdout
