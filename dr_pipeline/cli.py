@@ -73,26 +73,28 @@ def run(
         raise typer.Exit(2)
     output = extend if extend is not None else output_url
     job = _guarded(lambda: load_job(job_file, input_urls=_input_override(input_urls), output_url=output))
-    with _quiet(job.name, always_announce=True), ProgressDisplay(console, job.name) as display:
-        if extend is not None:
-            summary = _guarded(lambda: extend_dataset(job, address=address, on_progress=display.update))
-        else:
-            summary = _guarded(lambda: run_job(job, address=address, overwrite=overwrite, on_progress=display.update))
-    console.print(
-        f"this run: {summary.units_done} units written, {summary.units_skipped} already committed, "
-        f"{summary.samples} samples, {summary.failures} failures in {summary.seconds:.1f}s "
-        f"({summary.startup_seconds:.1f}s starting models)", markup=False, highlight=False, soft_wrap=True,
-    )
-    console.print(_dataset_line(summary.output, job.output.storage_options), markup=False, highlight=False,
-                  soft_wrap=True)
-    if summary.units_failed:
-        for unit_id, reason in summary.units_failed:
-            errors.print(f"unit {unit_id} failed: {reason}", markup=False, highlight=False, soft_wrap=True)
-        if len(summary.units_refused) == len(summary.units_failed):  # bad input: a rerun would fail the same way
-            raise typer.Exit(2)
-        errors.print("rerun the same command to retry the failed units"
-                     + (" (fix the input of the others first)" if summary.units_refused else ""), highlight=False)
-        raise typer.Exit(1)
+    with _quiet(job.name, always_announce=True):  # the log line comes last
+        with ProgressDisplay(console, job.name) as display:
+            if extend is not None:
+                summary = _guarded(lambda: extend_dataset(job, address=address, on_progress=display.update))
+            else:
+                summary = _guarded(lambda: run_job(job, address=address, overwrite=overwrite,
+                                                   on_progress=display.update))
+        console.print(
+            f"this run: {summary.units_done} units written, {summary.units_skipped} already committed, "
+            f"{summary.samples} samples, {summary.failures} failures in {summary.seconds:.1f}s "
+            f"({summary.startup_seconds:.1f}s starting models)", markup=False, highlight=False, soft_wrap=True,
+        )
+        console.print(_dataset_line(summary.output, job.output.storage_options), markup=False, highlight=False,
+                      soft_wrap=True)
+        if summary.units_failed:
+            for unit_id, reason in summary.units_failed:
+                errors.print(f"unit {unit_id} failed: {reason}", markup=False, highlight=False, soft_wrap=True)
+            if len(summary.units_refused) == len(summary.units_failed):  # bad input: a rerun fails the same way
+                raise typer.Exit(2)
+            errors.print("rerun the same command to retry the failed units"
+                         + (" (fix the input of the others first)" if summary.units_refused else ""), highlight=False)
+            raise typer.Exit(1)
 
 
 def _dataset_line(url: str, storage_options: dict[str, Any]) -> str:
@@ -194,7 +196,8 @@ def show(
                      soft_wrap=True)
     console.print("cosine of each view's embedding with the real caption's embedding:", highlight=False)
     for teacher, cosines in shown["cosines"].items():
-        console.print(f"  {teacher}  " + " ".join(f"{c:.4f}" for c in cosines), markup=False, highlight=False, soft_wrap=True)
+        console.print(f"  {teacher}  " + " ".join(f"{c:.4f}" for c in cosines), markup=False, highlight=False,
+                      soft_wrap=True)
 
 
 @app.command()
