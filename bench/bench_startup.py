@@ -7,7 +7,7 @@ transformers the process imported. The baseline is another commit of this reposi
 with the same Python and the same sample data, one command after the other (the machine is
 shared and noisy: compare the two columns, which ran seconds apart).
 
-    python bench/bench_startup.py [--baseline main] [--repeat 3] [--no-run]
+    python bench/bench_startup.py [--baseline main] [--repeat 3] [--no-run] [--dataset OUT]
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ def main() -> None:
     parser.add_argument("--baseline", default="main", help="git revision to compare with")
     parser.add_argument("--repeat", type=int, default=3, help="runs of inspect / validate (median)")
     parser.add_argument("--no-run", action="store_true", help="skip the quickstart runs (the slow part)")
+    parser.add_argument("--dataset", help="an existing quickstart output for inspect / validate (with --no-run)")
     options = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="bench-startup-") as tmp:
@@ -75,10 +76,11 @@ def main() -> None:
                 source, ["run", job, "--input", str(work / "sample_data" / "{00000..00002}.tar"), "--output", str(out)],
                 work)
             rows.append((f"run quickstart [{name}]", [f"{seconds:.1f} s", imported, f"exit {code}"]))
-        if options.no_run:  # inspect / validate need an output: one run of this checkout
-            reference = work / "out-ref"
-            timed(REPO, ["run", job, "--input", str(work / "sample_data" / "{00000..00002}.tar"),
-                         "--output", str(reference)], work)
+        if options.no_run:  # inspect / validate need an output: the one given, else one run of this checkout
+            reference = Path(options.dataset).resolve() if options.dataset else work / "out-ref"
+            if not options.dataset:
+                timed(REPO, ["run", job, "--input", str(work / "sample_data" / "{00000..00002}.tar"),
+                             "--output", str(reference)], work)
             outputs = {name: reference for name in sources}
         for command in ("inspect", "validate"):
             for name, source in sources.items():
