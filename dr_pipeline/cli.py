@@ -64,9 +64,6 @@ def run(
 ) -> None:
     """Reinforce a dataset: plan, run teachers and captioners on Ray, write shards and dataset.json."""
     from dr_pipeline.config import load_job
-    from dr_pipeline.extend import extend_dataset
-    from dr_pipeline.progress import ProgressDisplay
-    from dr_pipeline.runner import run_job
 
     if extend is not None and (output_url is not None or overwrite):
         _print_error("--extend OUT names the output: drop --output and --overwrite")
@@ -74,6 +71,11 @@ def run(
     output = extend if extend is not None else output_url
     job = _guarded(lambda: load_job(job_file, input_urls=_input_override(input_urls), output_url=output))
     with _quiet(job.name, always_announce=True):  # the log line comes last
+        # torch and Ray are imported only once the job file is known good, their messages into the log
+        from dr_pipeline.extend import extend_dataset
+        from dr_pipeline.progress import ProgressDisplay
+        from dr_pipeline.runner import run_job
+
         with ProgressDisplay(console, job.name) as display:
             if extend is not None:
                 summary = _guarded(lambda: extend_dataset(job, address=address, on_progress=display.update))
