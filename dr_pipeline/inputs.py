@@ -64,7 +64,8 @@ class RawSample:
     image: bytes | None
     image_format: str | None
     url: str | None
-    image_problem: str | None = None  # why `image` is None, when the shard says more than "absent"
+    # (failure reason, detail) of a missing image, when the shard says more than "absent"
+    image_problem: tuple[str, str] | None = None
 
 
 @dataclass
@@ -385,7 +386,8 @@ class _TarLayout:
             image_format=_normalise_format(image_suffix) if image_suffix else None,
             url=url if isinstance(url, str) else None,
             image_problem=None if image_suffix or linked is None
-            else f"the {linked} member is {run.not_files[linked]}, not image bytes: links are never followed",
+            else ("missing_image", f"the {linked} member is {run.not_files[linked]}, not image bytes: "
+                                   "links are never followed"),
         )
 
 
@@ -516,6 +518,24 @@ class _ParquetColumns:
         return list(dict.fromkeys(name for name in (self.image, self.text, self.key, self.url) if name))
 
 
+def _download_status(parquet: pq.ParquetFile) -> Callable[[int], tuple[str, str] | None]:
+    """For img2dataset's parquet output (status and error_message columns beside the image): a
+    row's download_failed (reason, detail) when img2dataset recorded a failure, else None.
+    The two small columns are read once per shard."""
+    if not {"status", "error_message"} <= set(parquet.schema_arrow.names):
+        return lambda index: None
+    table = parquet.read(columns=["status", "error_message"], use_threads=False)
+    statuses, messages = table.column("status").to_pylist(), table.column("error_message").to_pylist()
+
+    def problem(index: int) -> tuple[str, str] | None:
+        status, message = statuses[index], messages[index]
+        if status is None or status == "success":
+            return None
+        return "download_failed", f"{status}: {message}" if message else str(status)
+
+    return problem
+
+
 def _pick_column(
     names: list[str], configured: str | None, candidates: tuple[str, ...], role: str, required: bool
 ) -> str | None:
@@ -559,6 +579,7 @@ def _iter_parquet(file: _StorageErrorTrap, shard: str, config: InputConfig) -> I
     stem = PurePosixPath(shard).stem
     row = 0
     try:
+        download = _download_status(parquet)
         for batch in parquet.iter_batches(batch_size=_PARQUET_BATCH_ROWS, columns=columns.selected, use_threads=False):
             values = {name: batch.column(name).to_pylist() for name in columns.selected}
             for index in range(batch.num_rows):
@@ -572,6 +593,7 @@ def _iter_parquet(file: _StorageErrorTrap, shard: str, config: InputConfig) -> I
                     image=image,
                     image_format=sniff_image_format(image) if image is not None else None,
                     url=url if isinstance(url, str) else None,
+                    image_problem=download(row + index) if image is None else None,
                 )
             row += batch.num_rows
     except (pa.ArrowException, OSError) as error:

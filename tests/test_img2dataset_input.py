@@ -125,3 +125,27 @@ def test_a_run_over_the_folder_accounts_for_every_url(img2dataset_folder, tmp_pa
     assert recorded["000000001"]["reason"] == "download_failed"
     assert recorded["000000001"]["detail"] == "failed_to_download: HTTP Error 404: Not Found"
     assert set(recorded) == set(FAILED)
+
+
+def test_img2dataset_parquet_output_failed_rows_carry_its_status(tmp_path):
+    """output_format=parquet: one row per URL, jpg null where the download failed."""
+    rows = []
+    for index in range(4):
+        key = f"{0:05d}{index:04d}"
+        status, error = FAILED.get(key, ("success", None))
+        rows.append({"key": key, "jpg": _jpeg(index) if status == "success" else None,
+                     "txt": None if error else f"a photo number {key}", "url": f"https://example.org/{key}.jpg",
+                     "caption": f"a photo number {key}", "status": status, "error_message": error})
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "00000.parquet")
+    config = InputConfig(urls=str(tmp_path))
+    (shard,) = list_shards(config)
+    items = list(iter_shard(shard, config))
+    assert [i.source_key for i in items] == [r["key"] for r in rows] and all(isinstance(i, RawSample) for i in items)
+    from dr_pipeline.prepare import _metadata_problem
+
+    problems = {i.source_key: _metadata_problem(i, i.source_key, set()) for i in items}
+    assert problems == {
+        "000000000": None, "000000002": None,
+        "000000001": ("download_failed", "failed_to_download: HTTP Error 404: Not Found"),
+        "000000003": ("download_failed", "failed_to_resize: image decoding error"),
+    }
