@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import glob
-import io
 import json
 import os
 import tempfile
@@ -45,7 +44,6 @@ import torch
 import torchvision.transforms.functional as TF
 import webdataset as wds
 import yaml
-from PIL import Image
 from torch.utils.data import default_collate
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.autoaugment import _apply_op

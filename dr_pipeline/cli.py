@@ -12,9 +12,10 @@ from typing import Any, Callable, Optional, TypeVar
 import fsspec
 import typer
 from rich.console import Console
-from rich.table import Table
+from rich.text import Text
 
 from dr_pipeline.errors import ConfigError, DatasetError, DrGenError
+from dr_pipeline.run_log import library_output_to_log
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Generate and inspect reinforced datasets.")
 console = Console()
@@ -22,15 +23,20 @@ errors = Console(stderr=True)
 T = TypeVar("T")
 
 
+def _print_error(message: str) -> None:
+    """`error: message` on stderr, the message as plain text (brackets in paths and patterns kept)."""
+    errors.print(Text.assemble(("error:", "red"), " ", message), highlight=False, soft_wrap=True)
+
+
 def _guarded(action: Callable[[], T]) -> T:
     """Run `action`; user-fixable problems become one line and exit code 2."""
     try:
         return action()
     except (ConfigError, DatasetError) as error:
-        errors.print(f"[red]error:[/red] {error}", highlight=False, soft_wrap=True)
+        _print_error(str(error))
         raise typer.Exit(2) from None
     except DrGenError as error:
-        errors.print(f"[red]error:[/red] {error}", highlight=False, soft_wrap=True)
+        _print_error(str(error))
         raise typer.Exit(1) from None
 
 
@@ -62,6 +68,11 @@ def _storage_options(given: str | None) -> dict[str, Any]:
     return options
 
 
+def _quiet(command: str, always_announce: bool = False):
+    """Library output of `command` to its log file (dr_pipeline.run_log)."""
+    return library_output_to_log(command, [console, errors], errors, always_announce)
+
+
 def _input_override(input_urls: list[str] | None) -> str | list[str] | None:
     """--input given zero, one or several times, as the job's input.urls."""
     if not input_urls:
@@ -84,31 +95,55 @@ def run(
 ) -> None:
     """Reinforce a dataset: plan, run teachers and captioners on Ray, write shards and dataset.json."""
     from dr_pipeline.config import load_job, with_storage_options
-    from dr_pipeline.extend import extend_dataset
-    from dr_pipeline.progress import ProgressDisplay
-    from dr_pipeline.runner import run_job
 
     if extend is not None and (output_url is not None or overwrite):
-        errors.print("[red]error:[/red] --extend OUT names the output: drop --output and --overwrite", highlight=False)
+        _print_error("--extend OUT names the output: drop --output and --overwrite")
         raise typer.Exit(2)
     output = extend if extend is not None else output_url
     job = _guarded(lambda: with_storage_options(
         load_job(job_file, input_urls=_input_override(input_urls), output_url=output), _storage_options(storage_options)))
-    with ProgressDisplay(console, job.name) as display:
-        if extend is not None:
-            summary = _guarded(lambda: extend_dataset(job, address=address, on_progress=display.update))
-        else:
-            summary = _guarded(lambda: run_job(job, address=address, overwrite=overwrite, on_progress=display.update))
-    console.print(
-        f"{summary.output}: {summary.units_done} units written, {summary.units_skipped} already committed, "
-        f"{summary.samples} samples, {summary.failures} failures in {summary.seconds:.1f}s "
-        f"({summary.startup_seconds:.1f}s starting models)"
-    )
-    if summary.units_failed:
-        for unit_id, reason in summary.units_failed:
-            errors.print(f"unit {unit_id} failed: {reason}", highlight=False, soft_wrap=True)
-        errors.print("rerun the same command to retry the failed units", highlight=False)
-        raise typer.Exit(1)
+    with _quiet(job.name, always_announce=True):  # the log line comes last
+        # torch and Ray are imported only once the job file is known good, their messages into the log
+        from dr_pipeline.extend import extend_dataset
+        from dr_pipeline.progress import ProgressDisplay
+        from dr_pipeline.runner import run_job
+
+        with ProgressDisplay(console, job.name) as display:
+            if extend is not None:
+                summary = _guarded(lambda: extend_dataset(job, address=address, on_progress=display.update))
+            else:
+                summary = _guarded(lambda: run_job(job, address=address, overwrite=overwrite,
+                                                   on_progress=display.update))
+        console.print(
+            f"this run: {summary.units_done} units written, {summary.units_skipped} already committed, "
+            f"{summary.samples} samples, {summary.failures} failures in {summary.seconds:.1f}s "
+            f"({summary.startup_seconds:.1f}s starting models)", markup=False, highlight=False, soft_wrap=True,
+        )
+        console.print(_dataset_line(summary.output, job.output.storage_options), markup=False, highlight=False,
+                      soft_wrap=True)
+        if summary.units_failed:
+            for unit_id, reason in summary.units_failed:
+                errors.print(f"unit {unit_id} failed: {reason}", markup=False, highlight=False, soft_wrap=True)
+            if len(summary.units_refused) == len(summary.units_failed):  # bad input: a rerun fails the same way
+                raise typer.Exit(2)
+            errors.print("rerun the same command to retry the failed units"
+                         + (" (fix the input of the others first)" if summary.units_refused else ""), highlight=False)
+            raise typer.Exit(1)
+
+
+def _dataset_line(url: str, storage_options: dict[str, Any]) -> str:
+    """The whole dataset as its manifest now counts it (every run, every --extend), beside this run's line."""
+    from dr_pipeline.storage import Location
+
+    try:
+        manifest = Location.from_url(url, storage_options).read_json("dataset.json")
+        totals = manifest["totals"]
+    except Exception as error:  # noqa: BLE001 - the run's own line was printed; say why this one is missing
+        return f"dataset {url}: no manifest to summarise ({type(error).__name__})"
+    reasons = ", ".join(f"{reason} {count}" for reason, count in totals.get("failures_by_reason", {}).items())
+    return (f"dataset {url}: {totals['units_done']}/{totals['units_planned']} units, "
+            f"{totals['input_samples']} input samples, {totals['samples']} samples, {totals['failures']} failures"
+            + (f" ({reasons})" if reasons else "") + f", {manifest['status']}")
 
 
 @app.command()
@@ -184,7 +219,7 @@ def inspect(
     else:
         print_summary(summary, sample, console)
     if html_report:
-        errors.print(f"wrote {html_report}", highlight=False, soft_wrap=True)
+        errors.print(f"wrote {html_report}", markup=False, highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -200,15 +235,28 @@ def show(
     from dr_pipeline.reader import open_dataset
     from dr_pipeline.show import show_sample
 
-    shown = _guarded(lambda: show_sample(open_dataset(dataset_url, _storage_options(storage_options)), key, out, seed))
+    with _quiet("show"):
+        shown = _guarded(
+            lambda: show_sample(open_dataset(dataset_url, _storage_options(storage_options)), key, out, seed))
     if as_json:
         sys.stdout.write(json.dumps(shown, indent=1) + "\n")
         return
     console.print(f"{shown['key']} (unit {shown['unit']}) -> {out} ({shown['png_size'][0]} x {shown['png_size'][1]})",
-                  highlight=False, soft_wrap=True)
+                  markup=False, highlight=False, soft_wrap=True)
+    if shown["missing_glyphs"]:
+        errors.print(f"note: {len(shown['missing_glyphs'])} characters of the captions have no glyph in "
+                     f"{shown['font']} and show as boxes ({''.join(shown['missing_glyphs'][:20])}); set "
+                     f"DR_GEN_FONT to a font that has them (e.g. Noto Sans CJK)", markup=False, highlight=False,
+                     soft_wrap=True)
+    if shown["also_matching"]:
+        others = ", ".join(f"{m['key']} in unit {m['unit']}" for m in shown["also_matching"])
+        errors.print(f"note: --key {key} is ambiguous: {1 + len(shown['also_matching'])} samples match; shown: "
+                     f"{shown['key']} in unit {shown['unit']}; also: {others}", markup=False, highlight=False,
+                     soft_wrap=True)
     console.print("cosine of each view's embedding with the real caption's embedding:", highlight=False)
     for teacher, cosines in shown["cosines"].items():
-        console.print(f"  {teacher}  " + " ".join(f"{c:.4f}" for c in cosines), highlight=False, soft_wrap=True)
+        console.print(f"  {teacher}  " + " ".join(f"{c:.4f}" for c in cosines), markup=False, highlight=False,
+                      soft_wrap=True)
 
 
 @app.command()
@@ -243,33 +291,39 @@ def verify(
     from dr_pipeline.reader import open_dataset
     from dr_pipeline.verify import verify_dataset
 
-    keys, checks, replay = _guarded(
-        lambda: verify_dataset(open_dataset(dataset_url, _storage_options(storage_options)), samples, seed, device))
+    with _quiet("verify"):
+        keys, checks, replay = _guarded(
+            lambda: verify_dataset(open_dataset(dataset_url, _storage_options(storage_options)), samples, seed, device))
     failed = [c for c in checks if c.min < threshold]
     if as_json:
         report = {"samples": keys, "threshold": threshold, "passed": not failed and not replay.mismatched,
                   "teachers": [c.to_dict() for c in checks], "replay": replay.to_dict()}
         sys.stdout.write(json.dumps(report, indent=1) + "\n")
     else:
-        table = Table("teacher", "min", "mean", "views min / mean", "texts min / mean", "worst sample",
-                      title=f"cosine of recomputed and stored embeddings, {len(keys)} samples", title_justify="left")
+        # plain aligned columns, never wrapped or cut to the terminal's width: ids and keys stay whole
+        rows = [("teacher", "min", "mean", "views min / mean", "texts min / mean", "worst sample")]
         for check in checks:
             parts = check.to_dict()
-            table.add_row(check.teacher, f"{check.min:.6f}", f"{check.mean:.6f}",
-                          *(f"{parts[p]['min']:.6f} / {parts[p]['mean']:.6f}" if parts[p] else "-"
-                            for p in ("image", "text")),
-                          str(check.worst_key))
-        console.print(table)
+            rows.append((check.teacher, f"{check.min:.6f}", f"{check.mean:.6f}",
+                         *(f"{parts[p]['min']:.6f} / {parts[p]['mean']:.6f}" if parts[p] else "-"
+                           for p in ("image", "text")),
+                         str(check.worst_key)))
+        widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
+        console.print(f"cosine of recomputed and stored embeddings, {len(keys)} samples", highlight=False)
+        for row in rows:
+            console.print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip(), markup=False,
+                          highlight=False, soft_wrap=True)
         for check in checks:
             if check.card_differences:
                 console.print(f"note: {check.teacher} rebuilt from its spec differs from its card in "
-                              f"{', '.join(check.card_differences)}", highlight=False, soft_wrap=True)
+                              f"{', '.join(check.card_differences)}", markup=False, highlight=False, soft_wrap=True)
     for check in failed:
         errors.print(f"{check.teacher}: min cosine {check.min:.6f} below {threshold} (sample {check.worst_key})",
-                     highlight=False, soft_wrap=True)
+                     markup=False, highlight=False, soft_wrap=True)
     for key, view in replay.mismatched:
         errors.print(f"replay: sample {key} view {view}: its stored parameters render other pixels than "
-                     "parameters sampled afresh from the run seed and key", highlight=False, soft_wrap=True)
+                     "parameters sampled afresh from the run seed and key", markup=False, highlight=False,
+                     soft_wrap=True)
     if failed or replay.mismatched:
         raise typer.Exit(1)
 
@@ -297,16 +351,19 @@ def export(
         options = _storage_options(storage_options)
         return export_datacompdr(
             open_dataset(dataset_url, options), dest, images=images, dest_storage_options=options,
-            on_unit=lambda unit_id, so_far: console.print(f"{unit_id}: {so_far.samples} samples so far", highlight=False),
+            on_unit=lambda unit_id, so_far: console.print(f"{unit_id}: {so_far.samples} samples so far", markup=False,
+                                                             highlight=False),
         )
 
-    summary = _guarded(write)
-    console.print(f"{summary.dest}: {summary.units} tars, {summary.samples} samples ({export_format.value})")
+    with _quiet("export"):
+        summary = _guarded(write)
+    console.print(f"{summary.dest}: {summary.units} tars, {summary.samples} samples ({export_format.value})",
+                  markup=False, highlight=False, soft_wrap=True)
     if summary.normalised_images:
         console.print(
             f"{summary.normalised_images} images written as their decoded PNG (EXIF rotation, transparency, "
             "bit depth: what the teachers saw differs from a plain decode of the original); their json says "
-            '"normalised_image": "png"', highlight=False,
+            '"normalised_image": "png"', markup=False, highlight=False,
         )
 
 
@@ -344,7 +401,7 @@ def sample_data(
             raise ConfigError(f"sample-data needs {missing.name}: pip install 'dr-gen[demo]'") from None
 
     written = _guarded(write)
-    console.print(f"wrote {len(written)} shards to {dest}")
+    console.print(f"wrote {len(written)} shards to {dest}", markup=False, highlight=False, soft_wrap=True)
 
 
 if __name__ == "__main__":

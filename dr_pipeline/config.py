@@ -325,9 +325,12 @@ def load_job(
     """Read and validate a job YAML file; command-line overrides replace input/output URLs."""
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as error:
         raise ConfigError(f"{path}: cannot read job file ({error.strerror or error})") from None
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{path}: not a UTF-8 text file (byte {error.start}): save the job file as UTF-8 YAML"
+                          ) from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as error:

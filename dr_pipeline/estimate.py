@@ -4,8 +4,9 @@ Input shards are listed as `run` lists them (inputs.list_shards). Samples are
 counted from what is cheap to read, on at most COUNTED_SHARDS shards spread
 evenly over the listing, and extrapolated to the rest:
 - parquet: the row count in each counted shard's footer;
-- webdataset tars with img2dataset's `NAME_stats.json` beside them: its "successes";
-- other tars: the member index (headers only) of the first shard.
+- webdataset tars: img2dataset's `NAME_stats.json` beside the shard ("successes"), else
+  the shard's member index (headers only); a shard without stats is indexed, never the
+  whole count dropped to a cruder method (at most INDEXED_SHARDS tars are indexed).
 Work follows from the config: K views per sample, per teacher one image forward
 per view and one text forward per text (the real caption and S synthetic ones),
 per captioner one image encode per sample and S captions of at most max_length
@@ -65,6 +66,8 @@ DEFAULT_MFU = 0.4
 DEFAULT_DECODE_MFU = 0.1
 """Assumed utilisation of caption decoding: one token per row per step, bound by memory traffic."""
 COUNTED_SHARDS = 16
+INDEXED_SHARDS = 4
+"""Tars without img2dataset stats whose member index is read (each read costs the shard's headers)."""
 ASSUMED_CAPTION_BYTES = 60
 """Bytes of a caption when the input does not tell (DataComp captions average about ten words)."""
 ASSUMED_METADATA_BYTES = 200
@@ -116,7 +119,8 @@ class JobPlan:
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        exact, estimated = exactness(self)
+        return {**asdict(self), "exact": exact, "estimated": estimated}
 
 
 # ---------------------------------------------------------------------- counting samples
@@ -191,13 +195,13 @@ def survey_input(config: InputConfig, counted_shards: int = COUNTED_SHARDS) -> I
             counts = [c for c in pool.map(lambda url: _try(_parquet_counts, url, config), picked) if c]
         else:
             successes = list(pool.map(lambda url: _img2dataset_successes(url, config), picked))
-            if all(s is not None for s in successes):
-                source = "img2dataset stats files"
-                counts = [(s, None, None) for s in successes]
-            else:
-                source = "member index (first shard)"
-                picked = shards[:1]
-                counts = [c for c in [_try(_tar_index, shards[0], config)] if c]
+            without_stats = [url for url, s in zip(picked, successes) if s is None]
+            indexed = [without_stats[i] for i in _spread(len(without_stats), INDEXED_SHARDS)]
+            picked = [url for url, s in zip(picked, successes) if s is not None] + indexed
+            counts = [(s, None, None) for s in successes if s is not None]
+            counts += [c for c in pool.map(lambda url: _try(_tar_index, url, config), indexed) if c]
+            source = " and ".join(part for part, used in (
+                ("img2dataset stats files", len(picked) > len(indexed)), ("member indexes", bool(indexed))) if used)
     if not counts:
         raise ConfigError(f"cannot count the input's samples: none of {len(picked)} shards read could be opened")
     rows = [c[0] for c in counts]
@@ -382,8 +386,8 @@ def print_plan(plan: JobPlan, console: Console) -> None:
     survey = plan.input
     console.print(f"[bold]{plan.job}[/bold]: {survey.shards} {survey.format} shards "
                   f"(listed in {survey.listing_seconds:.2f} s, counted in {survey.counting_seconds:.2f} s)")
-    console.print(f"samples {survey.samples:,} ({survey.method})", highlight=False, soft_wrap=True)
-    console.print(f"views {plan.views:,}", highlight=False)
+    console.print(f"samples {survey.samples:,} ({survey.method})", markup=False, highlight=False, soft_wrap=True)
+    console.print(f"views {plan.views:,} ({'exact' if survey.exact else 'estimate'}: samples x K)", highlight=False)
     table = Table("model", "role", "work", "GFLOPs per item", "FLOPs", title="Work", title_justify="left")
     for model in plan.models:
         work = ", ".join(f"{name.replace('_', ' ')} {count:,}" for name, count in model.items.items())
@@ -404,5 +408,16 @@ def print_plan(plan: JobPlan, console: Console) -> None:
     console.print(sizes)
     console.print(f"output about {_count(plan.output_bytes, 'B')} "
                   f"({sum(plan.bytes_per_sample.values()):,.0f} bytes per sample)", highlight=False)
+    exact, estimated = exactness(plan)
+    console.print(f"exact: {', '.join(exact)}; estimated: {', '.join(estimated)}", highlight=False, soft_wrap=True)
     for note in plan.notes:
-        console.print(f"note: {note}", highlight=False, soft_wrap=True)
+        console.print(f"note: {note}", markup=False, highlight=False, soft_wrap=True)
+
+
+def exactness(plan: JobPlan) -> tuple[list[str], list[str]]:
+    """Which of the plan's figures are exact and which estimated."""
+    counted = ["samples", "views", "forward passes"]
+    exact = ["shards", *(counted if plan.input.exact else []), "embedding bytes", "augmentation bytes"]
+    estimated = [*([] if plan.input.exact else counted), "caption tokens (at most max_length)",
+                 "FLOPs (from architecture configs)", "GPU-hours (assumed MFU)", "image, caption and metadata bytes"]
+    return exact, estimated

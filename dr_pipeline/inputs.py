@@ -66,6 +66,8 @@ class RawSample:
     image_format: str | None
     url: str | None
     uid: str | None = None  # the input's own uid field when it has one (schema.sample_uid)
+    # (failure reason, detail) of a missing image, when the shard says more than "absent"
+    image_problem: tuple[str, str] | None = None
 
 
 @dataclass
@@ -99,7 +101,22 @@ def list_shards(config: InputConfig) -> list[str]:
         if not matches:
             raise ConfigError(f"input {pattern!r} matches no shard")
         shards.update(dict.fromkeys(matches))
-    return sorted(shards, key=_natural_sort_key)
+    return sorted(_without_img2dataset_metadata(list(shards)), key=_natural_sort_key)
+
+
+def _without_img2dataset_metadata(urls: list[str]) -> list[str]:
+    """img2dataset writes beside each shard NNNNN.tar its metadata NNNNN.parquet (one row per URL,
+    with status and error_message) and NNNNN_stats.json: neither is a shard. A .parquet whose
+    .tar is listed too, and every .json file, are dropped (the metadata is read with its tar)."""
+    tars = {url[: -len(".tar")] for url in urls if url.endswith(".tar")}
+    return [url for url in urls
+            if not url.endswith(".json") and not (url.endswith(".parquet") and url[: -len(".parquet")] in tars)]
+
+
+def _folder_shards(fs: fsspec.AbstractFileSystem, path: str) -> list[str]:
+    """The shards of a folder (img2dataset's output folder): its tar and parquet files."""
+    return [found for found in _glob_files(fs, path.rstrip("/") + "/*")
+            if _WEBDATASET_NAME.search(found) or _PARQUET_NAME.search(found)]
 
 
 def _expand_pattern(pattern: str, storage_options: dict[str, Any]) -> list[str]:
@@ -126,6 +143,8 @@ def _local_matches(pattern: str, urls: list[str], fs: LocalFileSystem) -> list[s
             matches += _glob_files(fs, path)
         elif os.path.isfile(path):
             matches.append(path)
+        elif os.path.isdir(path):
+            matches += _folder_shards(fs, path)
         else:
             missing.append(path)
     if missing:
@@ -209,6 +228,34 @@ def iter_shard(url: str, config: InputConfig) -> Iterator[RawSample | InputFailu
     read = _iter_tar if shard_format == "webdataset" else _iter_parquet
     with file:
         yield from read(_StorageErrorTrap(file), shard, config)
+    if shard_format == "webdataset":
+        yield from img2dataset_failures(url, config)
+
+
+def img2dataset_failures(tar_url: str, config: InputConfig) -> Iterator[InputFailure]:
+    """The URLs img2dataset failed to download into the tar at `tar_url`, from the metadata it wrote
+    beside it (NNNNN.parquet: key, status, error_message): a download_failed failure each, with
+    img2dataset's status and message ("failed_to_download: HTTP Error 404: Not Found") as detail.
+    Nothing when there is no such file or it has no status column."""
+    match = _WEBDATASET_NAME.search(tar_url)
+    if match is None or match.group(1).lower() != "tar":
+        return
+    metadata_url = tar_url[: match.start()] + ".parquet" + (match.group(2) or "")
+    try:
+        with fsspec.open(metadata_url, "rb", **config.storage_options) as file:
+            metadata = pq.ParquetFile(file)
+            names = set(metadata.schema_arrow.names)
+            if not {"key", "status"} <= names:
+                return
+            table = metadata.read(columns=[c for c in ("key", "status", "error_message") if c in names])
+    except (*_UNOPENABLE, OSError, ValueError, pa.ArrowException):
+        return
+    messages = table.column("error_message").to_pylist() if "error_message" in table.column_names else None
+    for row, (key, status) in enumerate(zip(table.column("key").to_pylist(), table.column("status").to_pylist())):
+        if status is None or status == "success":
+            continue
+        message = messages[row] if messages else None
+        yield InputFailure(str(key), "download_failed", f"{status}: {message}" if message else str(status))
 
 
 def _open_shard(url: str, config: InputConfig) -> RetryingReader:
@@ -304,6 +351,7 @@ class _MemberRun:
     key: str
     suffixes: set[str] = field(default_factory=set)
     data: dict[str, bytes] = field(default_factory=dict)
+    not_files: dict[str, str] = field(default_factory=dict)  # suffix -> what the member is instead (a link, ...)
 
 
 @dataclass(frozen=True)
@@ -339,6 +387,7 @@ class _TarLayout:
         else:
             text = next((meta[name] for name in self.json_text_fields if isinstance(meta.get(name), str)), None)
         url = meta.get(self.json_url_field)
+        linked = next((suffix for suffix in self.image_suffixes if suffix in run.not_files), None)
         return RawSample(
             source_key=_json_key(meta, self.json_key_fields) or run.key,
             text=text,
@@ -346,6 +395,9 @@ class _TarLayout:
             image_format=_normalise_format(image_suffix) if image_suffix else None,
             url=url if isinstance(url, str) else None,
             uid=_json_key(meta, (UID_FIELD,)),
+            image_problem=None if image_suffix or linked is None
+            else ("missing_image", f"the {linked} member is {run.not_files[linked]}, not image bytes: "
+                                   "links are never followed"),
         )
 
 
@@ -369,7 +421,7 @@ def _iter_tar(file: _StorageErrorTrap, shard: str, config: InputConfig) -> Itera
         with tar:
             while (member := tar.next()) is not None:
                 tar.members.clear()  # stream mode keeps every header otherwise: memory grows with the shard
-                key, suffix = base_plus_ext(member.name) if member.isreg() else (None, None)
+                key, suffix = base_plus_ext(member.name) if not member.isdir() else (None, None)
                 if key is None:
                     continue
                 suffix = suffix.lower()
@@ -378,7 +430,9 @@ def _iter_tar(file: _StorageErrorTrap, shard: str, config: InputConfig) -> Itera
                     run = None
                 run = run or _MemberRun(key)
                 run.suffixes.add(suffix)
-                if suffix in read_suffixes:
+                if not member.isreg():  # never followed: its content is not in this tar
+                    run.not_files[suffix] = _member_kind(member)
+                elif suffix in read_suffixes:
                     run.data[suffix] = tar.extractfile(member).read()
     except tarfile.TarError as error:
         # The sample being read cannot be proven complete, even when the cut fell between its members.
@@ -390,6 +444,15 @@ def _iter_tar(file: _StorageErrorTrap, shard: str, config: InputConfig) -> Itera
         return
     if run is not None:
         yield layout.sample(run)
+
+
+def _member_kind(member: tarfile.TarInfo) -> str:
+    """What a tar member that is not a regular file is, for a failure's detail."""
+    if member.issym():
+        return f"a symbolic link to {member.linkname!r}"
+    if member.islnk():
+        return f"a hard link to {member.linkname!r}"
+    return "not a regular file (a device, fifo or other special member)"
 
 
 def _json_object(data: bytes | None) -> dict[str, Any]:
@@ -467,6 +530,24 @@ class _ParquetColumns:
         return list(dict.fromkeys(name for name in (self.image, self.text, self.key, self.url, self.uid) if name))
 
 
+def _download_status(parquet: pq.ParquetFile) -> Callable[[int], tuple[str, str] | None]:
+    """For img2dataset's parquet output (status and error_message columns beside the image): a
+    row's download_failed (reason, detail) when img2dataset recorded a failure, else None.
+    The two small columns are read once per shard."""
+    if not {"status", "error_message"} <= set(parquet.schema_arrow.names):
+        return lambda index: None
+    table = parquet.read(columns=["status", "error_message"], use_threads=False)
+    statuses, messages = table.column("status").to_pylist(), table.column("error_message").to_pylist()
+
+    def problem(index: int) -> tuple[str, str] | None:
+        status, message = statuses[index], messages[index]
+        if status is None or status == "success":
+            return None
+        return "download_failed", f"{status}: {message}" if message else str(status)
+
+    return problem
+
+
 def _pick_column(
     names: list[str], configured: str | None, candidates: tuple[str, ...], role: str, required: bool
 ) -> str | None:
@@ -510,6 +591,7 @@ def _iter_parquet(file: _StorageErrorTrap, shard: str, config: InputConfig) -> I
     stem = PurePosixPath(shard).stem
     row = 0
     try:
+        download = _download_status(parquet)
         for batch in parquet.iter_batches(batch_size=_PARQUET_BATCH_ROWS, columns=columns.selected, use_threads=False):
             values = {name: batch.column(name).to_pylist() for name in columns.selected}
             for index in range(batch.num_rows):
@@ -525,6 +607,7 @@ def _iter_parquet(file: _StorageErrorTrap, shard: str, config: InputConfig) -> I
                     image_format=sniff_image_format(image) if image is not None else None,
                     url=url if isinstance(url, str) else None,
                     uid=_json_key({UID_FIELD: uid}, (UID_FIELD,)),
+                    image_problem=download(row + index) if image is None else None,
                 )
             row += batch.num_rows
     except (pa.ArrowException, OSError) as error:

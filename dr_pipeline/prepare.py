@@ -136,7 +136,7 @@ def _metadata_problem(raw: RawSample, key: str, seen: set[str]) -> tuple[str, st
     if key in seen:
         return "duplicate_key", f"key {raw.source_key!r} appears earlier in this shard"
     if raw.image is None:
-        return "missing_image", "no image (jpg, jpeg, png or webp member / image column)"
+        return raw.image_problem or ("missing_image", "no image (jpg, jpeg, png or webp member / image column)")
     if raw.text is None:
         return "missing_text", "no caption (txt member, json caption or text column)"
     if not raw.text.strip():

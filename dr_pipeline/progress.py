@@ -167,8 +167,11 @@ class ProgressDisplay:
     def __enter__(self) -> "ProgressDisplay":
         if self.console.is_terminal:
             self._bar = Progress(
-                TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("units"),
+                TextColumn("{task.description}", style="bold", markup=False), BarColumn(), MofNCompleteColumn(),
+                TextColumn("units"),
                 TextColumn("{task.fields[line]}"), TimeElapsedColumn(), console=self.console,
+                # what libraries print goes to the run's log (run_log), not through the bar onto the screen
+                redirect_stdout=False, redirect_stderr=False,
             )
             self._bar.__enter__()
             self._task = self._bar.add_task(self.title, total=None, line="starting models")
@@ -190,4 +193,4 @@ class ProgressDisplay:
         elif time.time() - self._last_log >= self.log_seconds:
             self._last_log = time.time()
             self.console.print(f"{self.title}: {completed}/{progress.units_planned} units, {self.line(progress)}",
-                               highlight=False, soft_wrap=True)
+                               markup=False, highlight=False, soft_wrap=True)

@@ -18,18 +18,20 @@ import itertools
 import json
 import tarfile
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from dr_pipeline.augment import ViewParams
 from dr_pipeline.errors import DatasetError
 from dr_pipeline.manifest import read_manifest
 from dr_pipeline.schema import DatasetLayout, from_storage, scale_column
 from dr_pipeline.sidecars import SidecarLayout, base_layout
 from dr_pipeline.storage import Location
+
+if TYPE_CHECKING:
+    from dr_pipeline.augment import ViewParams
 
 
 ROWS_PER_BATCH = 1024
@@ -63,18 +65,20 @@ class ReinforcedDataset:
     def __len__(self) -> int:
         return self.manifest["totals"]["samples"]
 
-    def iter_samples(self, units: list[str] | None = None) -> Iterator[dict[str, Any]]:
+    def iter_samples(self, units: list[str] | None = None, view_params: bool = True) -> Iterator[dict[str, Any]]:
+        """Rows of every unit (or of `units`); `view_params=False` leaves "aug" as plain records
+        (dicts), which spares importing the renderer and torch (`inspect`)."""
         wanted = set(units) if units is not None else None
         for unit in self.units:
             if wanted is None or unit["id"] in wanted:
-                yield from self.iter_unit(unit)
+                yield from self.iter_unit(unit, view_params)
 
     def failures(self, unit: dict[str, Any]) -> list[dict[str, Any]]:
         """The unit's rejected input samples: {"key", "reason", "detail"} each, in input order."""
         text = self.location.read_bytes(unit["files"]["failures"]["path"]).decode()
         return [json.loads(line) for line in text.splitlines() if line.strip()]
 
-    def iter_unit(self, unit: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    def iter_unit(self, unit: dict[str, Any], view_params: bool = True) -> Iterator[dict[str, Any]]:
         """The unit's rows, in order, joined with the unit's sidecar rows."""
         files = [self._iter_file(unit["files"]["data"]["path"], self._members)]
         files += [self._iter_file(unit["files"][s.extension]["path"], s.webdataset_members()) for s in self.sidecars]
@@ -83,7 +87,7 @@ class ReinforcedDataset:
                 raise DatasetError(f"unit {unit['id']}: its sidecar files and data file differ in length")
             for sidecar, extra in zip(self.sidecars, extras):
                 sidecar.join(row, extra, f"unit {unit['id']}")
-            yield self._decode_embeddings(row)
+            yield self._decode_embeddings(row, view_params)
 
     def _iter_file(self, relative_path: str, members: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         array_names = set(self.layout.stored_arrays())
@@ -116,11 +120,14 @@ class ReinforcedDataset:
         if not all(extra.exhausted() for extra in extras):
             raise DatasetError(f"unit {unit['id']}: its sidecar files and data file differ in length")
 
-    def _decode_embeddings(self, row: dict[str, Any]) -> dict[str, Any]:
+    def _decode_embeddings(self, row: dict[str, Any], view_params: bool = True) -> dict[str, Any]:
         dtype, scales = self.layout.embedding_dtype, self.layout.scale_columns()
         for name in self.layout.embedding_shapes():
             row[name] = from_storage(row[name], dtype, row.pop(scales[name]) if name in scales else None)
-        row["aug"] = [ViewParams.from_record(r) for r in row["aug"]]
+        if view_params:
+            from dr_pipeline.augment import ViewParams  # imports torch
+
+            row["aug"] = [ViewParams.from_record(r) for r in row["aug"]]
         row.setdefault("uid", row["source_key"])  # before schema 1.2, what the export wrote as uid
         return row
 
@@ -226,6 +233,8 @@ class ViewArrays:
 
     def params(self, row: int, view: int) -> ViewParams:
         """View `view` of row `row`, equal to the `ViewParams` the row reader gives."""
+        from dr_pipeline.augment import ViewParams  # imports torch: only readers that replay need it
+
         j = row * self.num_views + view
         first, end = self.offsets[j], self.offsets[j + 1]
         return ViewParams(

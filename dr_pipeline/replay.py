@@ -53,7 +53,8 @@ def _checked(data: bytes, row: dict[str, Any], shard: str) -> bytes:
     if hashlib.sha256(data).hexdigest() != row["image_sha256"]:
         raise DatasetError(
             f"sample {row['source_key']!r}: the image in {redact_url(shard)} differs from the one reinforced "
-            "(sha256 mismatch; the input changed since the run)"
+            "(sha256 mismatch): the input changed since the run; put the original shard back at that URL "
+            "(a dataset written with output.keep_images needs no input)"
         )
     return data
 
@@ -162,11 +163,17 @@ def pick_samples(dataset: ReinforcedDataset, count: int, seed: int | None) -> li
 
 def find_sample(dataset: ReinforcedDataset, key: str) -> StoredSample:
     """The sample with this key (or this source key); scans units in order."""
-    for unit in dataset.units:
-        for row in dataset.iter_unit(unit):
-            if key in (row["key"], row["source_key"]):
-                return StoredSample(unit, row)
-    raise DatasetError(f"no sample with key {key!r} in {redact_url(dataset.location.url())}")
+    return find_samples(dataset, key)[0]
+
+
+def find_samples(dataset: ReinforcedDataset, key: str) -> list[StoredSample]:
+    """Every sample with this key or source key, in unit order (keys are unique within a unit
+    only: two input shards may hold the same key); an error when there is none."""
+    found = [StoredSample(unit, row) for unit in dataset.units for row in dataset.iter_unit(unit)
+             if key in (row["key"], row["source_key"])]
+    if not found:
+        raise DatasetError(f"no sample with key {key!r} in {redact_url(dataset.location.url())}")
+    return found
 
 
 def original_images(

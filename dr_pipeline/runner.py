@@ -21,7 +21,7 @@ import torch
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from dr_pipeline.config import JobConfig, ResourcesConfig
-from dr_pipeline.errors import ConfigError, DrGenError
+from dr_pipeline.errors import ConfigError, DatasetError, DrGenError
 from dr_pipeline.inputs import list_shards
 from dr_pipeline.lease import OutputLease
 from dr_pipeline.manifest import (
@@ -61,6 +61,8 @@ class RunSummary:
     seconds: float = 0.0
     startup_seconds: float = 0.0  # until the model actors are up (Ray start, model load)
     units_failed: list[tuple[str, str]] = field(default_factory=list)
+    # of units_failed, those that failed on bad input (ConfigError, DatasetError): rerunning cannot help
+    units_refused: list[str] = field(default_factory=list)
 
 
 def one_line(error: BaseException) -> str:
@@ -338,6 +340,8 @@ def run_unit_tasks(
                 stats = ray.get(ref)
             except ray.exceptions.RayError as error:
                 summary.units_failed.append((done_unit.id, one_line(error)))
+                if isinstance(error, (ConfigError, DatasetError)):  # a RayTaskError is also its cause's type
+                    summary.units_refused.append(done_unit.id)
                 tracker.unit_failed()
                 continue
             written.add(stats)

@@ -11,15 +11,17 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jsonschema
 import numpy as np
 import pyarrow as pa
-import torch
 
 import schemas
 from dr_pipeline.errors import DatasetError
+
+if TYPE_CHECKING:
+    import torch
 
 SCHEMA_VERSION = schemas.load_spec()["version"]
 KEY_PATTERN = re.compile(schemas.load_spec()["key_pattern"])
@@ -266,6 +268,8 @@ def transfer_dtype(embedding_dtype: str) -> str:
 
 def to_storage(embeddings: torch.Tensor, embedding_dtype: str) -> np.ndarray:
     """Float embeddings -> the numpy array stored for a float `embedding_dtype` (bfloat16 as raw uint16 bits)."""
+    import torch  # only the model side converts tensors; readers need no torch
+
     if embedding_dtype == "bfloat16":
         return embeddings.to(torch.bfloat16).view(torch.int16).cpu().numpy().view(np.uint16)
     return embeddings.to(getattr(torch, embedding_dtype)).cpu().numpy()

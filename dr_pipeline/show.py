@@ -10,6 +10,7 @@ cosine on a view is the quickest way to spot a crop that lost the subject.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +21,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from dr_pipeline.augment import RAND_AUGMENT_OPS, ViewParams
 from dr_pipeline.reader import ReinforcedDataset
-from dr_pipeline.replay import ViewRenderer, dataset_job, find_sample, original_images, pick_samples
+from dr_pipeline.replay import ViewRenderer, dataset_job, find_samples, original_images, pick_samples
 from dr_pipeline.schema import DatasetLayout
 
 TILE = 224  # side of every image cell, in pixels
@@ -78,7 +79,8 @@ def view_caption_cosines(row: dict[str, Any], layout: DatasetLayout) -> dict[str
 
 def show_sample(dataset: ReinforcedDataset, key: str | None, out_path: str, seed: int | None = None) -> dict[str, Any]:
     """Write the grid of one sample (by key, else random) to `out_path`; returns what it shows."""
-    sample = find_sample(dataset, key) if key is not None else pick_samples(dataset, 1, seed)[0]
+    matches = find_samples(dataset, key) if key is not None else pick_samples(dataset, 1, seed)
+    sample = matches[0]  # by key: the first in unit order; the others are named in "also_matching"
     sample.row["image"] = original_images(dataset, [sample])[0]
     original, views = ViewRenderer(dataset_job(dataset)).render_all(sample.row)
     cosines = view_caption_cosines(sample.row, dataset.layout)
@@ -88,18 +90,56 @@ def show_sample(dataset: ReinforcedDataset, key: str | None, out_path: str, seed
         for i, text in enumerate(sample.row[c.column])
     ]
     picture = render_grid(original, views, sample.row["aug"], cosines, captions)
+    font, font_name = caption_font(FONT_SIZE)
+    unrenderable = missing_glyphs("".join(text for _, text in captions), font)
     with fsspec.open(out_path, "wb") as handle:
         picture.save(handle, format="PNG")
     return {
         "key": sample.key,
         "source_key": sample.row["source_key"],
         "unit": sample.unit["id"],
+        "also_matching": [{"unit": other.unit["id"], "key": other.key, "source_key": other.row["source_key"]}
+                          for other in matches[1:]],
         "image_size": [int(original.shape[1]), int(original.shape[2])],
         "captions": [{"source": source, "text": text} for source, text in captions],
         "cosines": {teacher: [float(c) for c in values] for teacher, values in cosines.items()},
         "out": out_path,
         "png_size": list(picture.size),
+        "font": font_name,
+        "missing_glyphs": unrenderable,  # drawn as boxes: the font has no glyph for them
     }
+
+
+FONT_ENV = "DR_GEN_FONT"
+# Wide-coverage fonts where Linux distributions put them (fonts-noto-cjk: Latin, Greek, Cyrillic, CJK;
+# DejaVu: Latin, Greek, Cyrillic, Hebrew, Arabic); the first present draws the PNG's text.
+SYSTEM_FONTS = (
+    "/usr/share/fonts/opentype/noto/NotoSansCJK-Regular.ttc",
+    "/usr/share/fonts/noto-cjk/NotoSansCJK-Regular.ttc",
+    "/usr/share/fonts/google-noto-cjk/NotoSansCJK-Regular.ttc",
+    "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
+    "/usr/share/fonts/dejavu/DejaVuSans.ttf",
+)
+
+
+def caption_font(size: int) -> tuple[ImageFont.FreeTypeFont | ImageFont.ImageFont, str]:
+    """The font the PNG's text is drawn with, and its name: $DR_GEN_FONT, else the first of
+    SYSTEM_FONTS present, else Pillow's own (Latin only)."""
+    for path in (os.environ.get(FONT_ENV), *SYSTEM_FONTS):
+        if path and os.path.isfile(path):
+            return ImageFont.truetype(path, size), path
+    return ImageFont.load_default(size=size), "Pillow's default font"
+
+
+def missing_glyphs(text: str, font: ImageFont.FreeTypeFont | ImageFont.ImageFont) -> list[str]:
+    """The characters of `text` the font has no glyph for (drawn as its empty box): those whose
+    bitmap equals the one of a private-use code point no font maps."""
+    def bitmap(character: str) -> bytes:
+        mask = font.getmask(character)
+        return bytes(mask) + bytes(str(mask.size), "ascii")
+
+    missing_box = bitmap("\U0010fffd")
+    return sorted({c for c in text if not c.isspace() and c.isprintable() and bitmap(c) == missing_box})
 
 
 def _to_pil(pixels: torch.Tensor) -> Image.Image:
@@ -135,7 +175,7 @@ def render_grid(
 ) -> Image.Image:
     """The picture: original with crop boxes, then the views with their labels and cosines, then captions."""
     layout = GridLayout(num_views=len(views), num_teachers=len(cosines), num_captions=len(captions))
-    font = ImageFont.load_default(size=FONT_SIZE)
+    font, _ = caption_font(FONT_SIZE)
     picture = Image.new("RGB", layout.size, "white")
     draw = ImageDraw.Draw(picture)
 

@@ -8,7 +8,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from dr_pipeline.augment import RAND_AUGMENT_OPS
+import schemas
 from dr_pipeline.reader import ReinforcedDataset
 
 
@@ -52,10 +52,11 @@ def dataset_summary(dataset: ReinforcedDataset) -> dict[str, Any]:
 
 def first_sample(dataset: ReinforcedDataset) -> dict[str, Any] | None:
     """One sample in readable form: metadata, captions, first view's params, embedding shapes."""
-    row = next(iter(dataset.iter_samples()), None)
+    row = next(iter(dataset.iter_samples(view_params=False)), None)
     if row is None:
         return None
-    view = row["aug"][0]
+    view = row["aug"][0]  # a plain record: the renderer (and torch) is not needed to print it
+    op_names = [op["name"] for op in schemas.load_spec()["rand_augment_ops"]]
     readable: dict[str, Any] = {
         "key": row["key"],
         "source_key": row["source_key"],
@@ -63,12 +64,12 @@ def first_sample(dataset: ReinforcedDataset) -> dict[str, Any] | None:
         "text": row["text"],
         "image_size": [row["image_height"], row["image_width"]],
         "view_0": {
-            "crop": list(view.crop),
-            "flip": view.flip,
+            "crop": [int(v) for v in view["crop"]],
+            "flip": bool(view["flip"]),
             "rand_augment": None
-            if view.rand_augment is None
-            else [[RAND_AUGMENT_OPS[op], round(mag, 4)] for op, mag in view.rand_augment],
-            "erase": None if view.erase is None else list(view.erase),
+            if view["rand_augment"] is None
+            else [[op_names[int(e["op"])], round(float(e["magnitude"]), 4)] for e in view["rand_augment"]],
+            "erase": None if view["erase"] is None else [int(v) for v in view["erase"]],
         },
         "captions": {c.id: row[c.column] for c in dataset.layout.captioners},
         "embeddings": {},

@@ -49,7 +49,7 @@ from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from torch.utils.data import IterableDataset, get_worker_info
 
 from dr_pipeline.accelerator import views_to_device
-from dr_pipeline.augment import ViewParams, render_view
+from dr_pipeline.augment import render_view
 from dr_pipeline.reader import ReinforcedDataset, RowBatch, open_dataset
 from dr_pipeline.replay import ViewRenderer, dataset_job, unit_batches_with_images
 from dr_pipeline.seeding import derive_seed

@@ -165,7 +165,14 @@ def open_unit_writer(
             writer = ParquetUnitWriter(sink, layout)
         else:
             writer = WebDatasetUnitWriter(sink, layout, output.keep_images)
-        yield writer, committed
+        try:
+            yield writer, committed
+        except BaseException:
+            # the temp file is dropped; closing the writer now keeps pyarrow from reporting, at garbage
+            # collection, a write to the file already closed ("Exception ignored in ParquetWriter.__del__")
+            with contextlib.suppress(Exception):
+                writer.close()
+            raise
         writer.close()
     committed.append(sink.info)
 

@@ -21,7 +21,7 @@ def _minimal(**overrides):
     return data
 
 
-@pytest.mark.parametrize("name", ["quickstart", "datacompdr-12m", "datacompdr-1b", "dfndr"])
+@pytest.mark.parametrize("name", ["quickstart", "quickstart-flips", "datacompdr-12m", "datacompdr-1b", "dfndr"])
 def test_shipped_jobs_validate(name):
     job = load_job(JOBS / f"{name}.yaml")
     assert job.teachers and job.output.embedding_dtype == "float16"

@@ -70,22 +70,25 @@ def job_file(tmp_path, small_job_dict, sample_shards):
     return path
 
 
-def test_plan_of_tars_estimates_from_the_first_shards_index(job_file, sample_shards, reinforced, monkeypatch):
+def test_plan_of_tars_counts_each_shards_index(job_file, sample_shards, reinforced, monkeypatch):
     def no_model(*args, **kwargs):
         raise AssertionError("plan must not build a model")
 
     monkeypatch.setattr(open_clip, "create_model", no_model)
-    with tarfile.open(sample_shards[0]) as tar:
-        first = len({member.name.split(".")[0] for member in tar})
+    samples = 0
+    for shard in sample_shards:
+        with tarfile.open(shard) as tar:
+            samples += len({member.name.split(".")[0] for member in tar})
     plan = _plan(job_file, "--gpu", "a100")
     survey = plan["input"]
-    assert (survey["shards"], survey["samples"], survey["exact"]) == (3, 3 * first, False)
-    assert survey["method"] == f"estimate: member index (first shard) of 1 of 3 shards, {first:.1f} samples per " \
-                              "shard extrapolated"
-    assert plan["views"] == 3 * first * 3
+    assert (survey["shards"], survey["samples"], survey["exact"]) == (3, samples, True) and samples == 20
+    assert survey["method"] == "exact: member indexes of all 3 shards"
+    assert {"samples", "views", "forward passes"} <= set(plan["exact"])
+    assert "GPU-hours (assumed MFU)" in plan["estimated"] and "samples" not in plan["estimated"]
+    assert plan["views"] == samples * 3
     teacher, _, captioner = plan["models"]
-    assert teacher["items"] == {"image_forwards": 9 * first, "text_forwards": 3 * first * 3}
-    assert captioner["items"] == {"images": 3 * first, "captions": 6 * first, "caption_tokens_at_most": 48 * first}
+    assert teacher["items"] == {"image_forwards": 3 * samples, "text_forwards": samples * 3}
+    assert captioner["items"] == {"images": samples, "captions": 2 * samples, "caption_tokens_at_most": 16 * samples}
     # GPU-hours: encoders at MFU 0.4, decoding at 0.1, of the A100's 312 TFLOP/s
     encoders = sum(m["encoder_flops"] for m in plan["models"])
     seconds = encoders / (312e12 * 0.4) + (plan["flops"] - encoders) / (312e12 * 0.1)
@@ -113,6 +116,13 @@ def test_plan_counts_parquet_and_img2dataset_stats_exactly(tmp_path, small_job_d
     plan = _plan(path, "--input", str(tars / "{00000..00002}.tar"))
     assert (plan["input"]["samples"], plan["input"]["exact"]) == (303, True)
     assert plan["input"]["method"] == "exact: img2dataset stats files of all 3 shards"
+    # a shard without its stats file is counted from its own index, not the whole count made cruder
+    (tars / "00001_stats.json").unlink()
+    with tarfile.open(tars / "00001.tar") as tar:
+        indexed = len({member.name.split(".")[0] for member in tar})
+    plan = _plan(path, "--input", str(tars / "{00000..00002}.tar"))
+    assert (plan["input"]["samples"], plan["input"]["exact"]) == (100 + 102 + indexed, True)
+    assert plan["input"]["method"] == "exact: img2dataset stats files and member indexes of all 3 shards"
 
 
 def test_a_100k_shard_listing_is_planned_from_two_checks_and_16_stats_files():

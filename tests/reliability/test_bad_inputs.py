@@ -9,6 +9,8 @@ Ray session: `reference` (1 actor, 1 CPU worker, batches of 4) and `rearranged` 
 
 import io
 import json
+import subprocess
+import sys
 import tarfile
 from collections import Counter
 from dataclasses import dataclass
@@ -20,6 +22,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from typer.testing import CliRunner
+
+from dr_pipeline.cli import app
 
 from dr_pipeline.config import parse_job
 from dr_pipeline.reader import open_dataset
@@ -69,6 +74,7 @@ CASES = {
     "parquet_null_text": Case("null_text", "missing_text"),
     "duplicate_key_across_shards": Case("good", KEPT),
     "empty_tar": Case("", KEPT),  # no sample: a committed unit of 0 samples and 0 failures
+    "symlink_image": Case("linked", "missing_image"),  # its detail says it is a link (test below)
 }
 
 
@@ -140,6 +146,14 @@ def _write_shards(folder) -> list[str]:
     paths = {name: str(folder / name) for name in ("a_mixed.tar", "b_cut.tar", "c_empty.tar", "d_again.tar",
                                                      "e_nulls.parquet", "f_no_columns.parquet")}
     _write_tar(paths["a_mixed.tar"], members)
+    with tarfile.open(paths["a_mixed.tar"], "a") as tar:  # a sample whose image member is a symbolic link
+        link = tarfile.TarInfo("linked.jpg")
+        link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
+        for name, data in _members("linked", None, b"An image that is a link."):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        tar.addfile(link)
     _write_tar(folder / "whole.tar", _members("before_cut", ("jpg", jpeg), b"Complete.")
                + _members("cut_here", ("jpg", jpeg), b"Cut inside its image."))
     whole = (folder / "whole.tar").read_bytes()
@@ -215,8 +229,8 @@ def test_every_input_sample_is_accounted_for_once(reference):
     assert totals["input_samples"] == totals["samples"] + totals["failures"] == len(rows) + len(failures)
     for unit in dataset.units:
         assert unit["input_samples"] == unit["samples"] + unit["failures"]
-    # 23 tar samples + 2 tar samples cut + 3 parquet rows + 1 unreadable parquet file
-    assert len(rows) + len(failures) == 23 + 2 + 3 + 1
+    # 24 tar samples + 2 tar samples cut + 3 parquet rows + 1 unreadable parquet file
+    assert len(rows) + len(failures) == 24 + 2 + 3 + 1
     assert sorted(r["source_key"] for r in rows if r["unit"] == "b_cut") == ["before_cut"]
     assert len({(r["unit"], r["key"]) for r in rows}) == len(rows)
     assert totals["failures_by_reason"] == dict(sorted(Counter(f["reason"] for f in failures).items()))
@@ -276,3 +290,87 @@ def test_another_worker_layout_writes_the_same_dataset(reference, rearranged):
         assert row["image_sha256"] == other["image_sha256"] and row["text"] == other["text"]
         for name in first.layout.embedding_shapes():
             np.testing.assert_allclose(row[name], other[name], atol=2e-3)
+
+
+def test_a_symlink_member_failure_says_it_is_a_link(reference):
+    _, dataset = reference
+    (failure,) = [f for f in _failures(dataset) if f["key"] == "linked"]
+    assert failure["reason"] == "missing_image"
+    assert "symbolic link to '/etc/passwd'" in failure["detail"] and "never followed" in failure["detail"]
+
+
+# --------------------------------------------------------------------------- the command line's bad input
+
+
+def _cli(args):
+    result = CliRunner().invoke(app, args)
+    return result.exit_code, result.stdout, result.stderr
+
+
+def _one_error_line(code, err):
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), (code, err)
+    return lines[0]
+
+
+def test_a_job_file_that_is_not_utf8_is_one_line(tmp_path):
+    job = tmp_path / "job.yaml"
+    job.write_bytes("name: caf\u00e9\n".encode("latin-1"))
+    line = _one_error_line(*_cli(["run", str(job)])[::2])
+    assert "not a UTF-8 text file" in line and str(job) in line
+
+
+def test_an_input_path_with_brackets_is_printed_as_given(tmp_path, sample_shards, small_job_dict):
+    """rich markup in a path ([/b]) is neither parsed (MarkupError) nor dropped."""
+    job = tmp_path / "job.yaml"
+    job.write_text(json.dumps(small_job_dict(sample_shards, tmp_path / "out")))
+    code, _, err = _cli(["run", str(job), "--input", "/path/a[/b].tar"])
+    assert "/path/a[/b].tar" in _one_error_line(code, err)
+
+
+def test_error_texts_keep_their_brackets(tmp_path, sample_shards, small_job_dict):
+    job = tmp_path / "job.yaml"
+    teachers = [{"id": "Bad Id!", "spec": "open_clip:dr-tiny-vit-32"}]
+    job.write_text(json.dumps(small_job_dict(sample_shards, tmp_path / "out", teachers=teachers)))
+    line = _one_error_line(*_cli(["run", str(job)])[::2])
+    assert "teachers.0.id" in line and "'^[a-z][a-z0-9_]{0,47}$'" in line
+
+
+@pytest.mark.parametrize("url, package", [("s3://bucket/out", "s3fs"), ("https://example.invalid/out", "aiohttp")])
+def test_inspect_of_a_url_without_its_filesystem_package_is_one_line(url, package):
+    """As `run` and `plan` do: the package is named, no ImportError traceback."""
+    script = (f"import sys; sys.modules[{package!r}] = None\n"
+              "from dr_pipeline.cli import app\n"
+              f"sys.argv = ['dr-gen', 'inspect', {url!r}]\napp()\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    line = _one_error_line(done.returncode, done.stderr)
+    assert url in line and ("s3fs" in line if package == "s3fs" else "aiohttp" in line)
+    assert "Traceback" not in done.stderr
+
+
+def test_extend_over_a_changed_input_shard_says_what_can_help(tmp_path, small_job_dict):
+    """The input changed since the run: rerunning cannot help, so the advice is to restore it (exit 2)."""
+    shard = tmp_path / "in.tar"
+    _write_tar(shard, _members("one", ("jpg", _encoded(_photo(seed=1), "JPEG")), b"One photo.")
+               + _members("two", ("jpg", _encoded(_photo(seed=2), "JPEG")), b"Another photo."))
+    base = small_job_dict([str(shard)], tmp_path / "out", captioners=[], augmentation={"num_views": 2},
+                          teachers=[{"id": "tiny_vit_32", "spec": "open_clip:dr-tiny-vit-32"}])
+    assert not run_job(parse_job(base)).units_failed
+    _write_tar(shard, _members("one", ("jpg", _encoded(_photo(seed=3), "JPEG")), b"One photo.")
+               + _members("two", ("jpg", _encoded(_photo(seed=2), "JPEG")), b"Another photo."))
+    added = {"id": "tiny_vit_16_160", "spec": "open_clip:dr-tiny-vit-16-160"}
+    extended = dict(base, teachers=[*base["teachers"], added])
+    job = tmp_path / "extend.yaml"
+    job.write_text(json.dumps(extended))
+    code, _, err = _cli(["run", str(job), "--extend", str(tmp_path / "out")])
+    assert code == 2, err
+    assert "sha256 mismatch" in err and "put the original shard back" in err
+    assert "rerun the same command" not in err and "Exception ignored" not in err
+
+
+def test_show_says_when_a_key_is_ambiguous(reference, tmp_path):
+    """"good" is in two input shards (both kept): show draws the first and names the other."""
+    job, _ = reference
+    code, out, err = _cli(["show", job.output.url, "--key", "good", "--out", str(tmp_path / "grid.png")])
+    assert code == 0, err
+    assert "--key good is ambiguous: 2 samples match" in err and "unit a_mixed" in out + err and "d_again" in err

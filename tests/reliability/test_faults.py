@@ -70,7 +70,9 @@ def flaky_run(sample_shards, small_job_dict, tmp_path_factory):
     job_file.write_text(json.dumps(job.model_dump(mode="json")))
     command = [sys.executable, "-m", "dr_pipeline.cli", "run", str(job_file),
                "--address", ray.get_runtime_context().gcs_address]
-    run = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=REPOSITORY)
+    # the run's log file (what Ray and the libraries printed) lands under root, where the secret test looks
+    env = {**os.environ, "DR_GEN_LOG_DIR": str(root / "logs")}
+    run = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=REPOSITORY, env=env)
     return run, root
 
 
@@ -199,6 +201,7 @@ def test_no_secret_reaches_outputs_or_logs(flaky_run, full_disk_run):
     """SECRET was in every job's input and output storage options; the runs above met errors."""
     run, root = flaky_run
     roots = [root, full_disk_run[2]]
+    assert list((root / "logs").glob("*.log")), "dr-gen run's log file should be under the run's root"
     files = [p for root in roots for p in Path(root).rglob("*") if p.is_file()]
     logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs"
     files += [p for p in logs.rglob("*") if p.is_file()]
