@@ -31,8 +31,8 @@ it by `load_state_dict` yields exactly the samples not yet received, in the same
 `render_on="device"` leaves the views to the trainer: batches carry the decoded
 originals ("original", uint8 [3, H, W] each) and the view parameters ("view_params")
 instead of "image", and `images_on(batch, device)` renders them there with the
-generator's renderer (augment.render_view) — identical on a CPU device, within the
-accelerator renderer's bound on CUDA (README, resources.render_views_on).
+accelerator renderer (augment.render_views_tensor), within its documented bound of the
+reference PIL replay (README "Fidelity").
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from torch.utils.data import IterableDataset, get_worker_info
 
 from dr_pipeline.accelerator import views_to_device
-from dr_pipeline.augment import render_view
+from dr_pipeline.augment import render_views_tensor
 from dr_pipeline.reader import ReinforcedDataset, RowBatch, open_dataset
 from dr_pipeline.replay import ViewRenderer, dataset_job, unit_batches_with_images
 from dr_pipeline.seeding import derive_seed
@@ -232,11 +232,13 @@ class ReinforcedTorchDataset(IterableDataset):
 
     def images_on(self, batch: dict[str, Any], device: torch.device | str, pin_memory: bool = True) -> torch.Tensor:
         """A render_on="device" batch's views rendered on `device` from its originals and view parameters
-        (the generator's renderer, as the model actor runs it), normalised: float32 [N, 3, size, size]."""
+        (the accelerator renderer, as a model actor with `render_views_on: accelerator` runs it, within
+        README "Fidelity"'s bound of the reference PIL path), normalised: float32 [N, 3, size, size]."""
         device = torch.device(device)
         cfg = self.renderer.augmentation
         views = [
-            render_view(views_to_device(original.numpy(), device, pin_memory), params, self.image_size, cfg)
+            render_views_tensor(views_to_device(original.numpy(), device, pin_memory), [params], self.image_size,
+                                cfg)[0]
             for original, params in zip(batch["original"], batch["view_params"])
         ]
         return self._normalised(torch.stack(views))

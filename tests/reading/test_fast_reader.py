@@ -9,7 +9,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from dr_pipeline.torch_dataset import ReinforcedTorchDataset
-from test_accelerator import GPU_RENDER_MEAN_ABS_TOLERANCE
+from test_accelerator import ACCELERATOR_BATCH_MEAN_ABS_BOUND
 from tests.reading.fast_path import assert_batches_equal_rows, assert_fast_samples_equal_row_path
 
 BOTH = ["kept", "from_input"]  # Arrow float16 with kept images; webdataset bfloat16 read from the input shards
@@ -81,7 +81,8 @@ def test_resume_refuses_another_number_of_slots(generated):
 
 @pytest.mark.parametrize("name", BOTH)
 def test_views_rendered_on_the_trainers_device_match_the_loaders(generated, name):
-    """CPU torch: identical; CUDA (when present): within the accelerator renderer's bound."""
+    """The accelerator renderer on the trainer's device (CPU torch here, CUDA when present) stays
+    within its documented bound of the loader's reference PIL replay."""
     url = generated[name].job.output.url
     on_loader = ReinforcedTorchDataset(url, batch_size=4, image_size=128)
     on_device = ReinforcedTorchDataset(url, batch_size=4, image_size=128, render_on="device")
@@ -96,9 +97,7 @@ def test_views_rendered_on_the_trainers_device_match_the_loaders(generated, name
             images = on_device.images_on(batch, device).cpu()
             grey_levels = ((images - expected["image"]) * std * 255).abs()
             print(f"{device}: max {float(grey_levels.max()):.3f} grey levels, mean {float(grey_levels.mean()):.4f}")
-            assert float(grey_levels.mean()) <= GPU_RENDER_MEAN_ABS_TOLERANCE
-            if device == "cpu":
-                assert torch.equal(images, expected["image"])
+            assert float(grey_levels.mean()) <= ACCELERATOR_BATCH_MEAN_ABS_BOUND
     with pytest.raises(ValueError, match="needs batch_size"):
         ReinforcedTorchDataset(url, render_on="device")
 
