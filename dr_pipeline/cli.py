@@ -62,19 +62,37 @@ def run(
         raise typer.Exit(2)
     output = extend if extend is not None else output_url
     job = _guarded(lambda: load_job(job_file, input_urls=_input_override(input_urls), output_url=output))
-    with ProgressDisplay(console, job.name) as display:
-        if extend is not None:
-            summary = _guarded(lambda: extend_dataset(job, address=address, on_progress=display.update))
-        else:
-            summary = _guarded(lambda: run_job(job, address=address, overwrite=overwrite, on_progress=display.update))
+    try:
+        with ProgressDisplay(console, job.name) as display:
+            if extend is not None:
+                summary = _guarded(lambda: extend_dataset(job, address=address, on_progress=display.update))
+            else:
+                summary = _guarded(lambda: run_job(job, address=address, overwrite=overwrite,
+                                                   on_progress=display.update))
+    except KeyboardInterrupt:  # before any unit ran (planning, starting Ray)
+        errors.print("interrupted; rerun the same command to resume", highlight=False)
+        raise typer.Exit(130) from None
     console.print(
         f"{summary.output}: {summary.units_done} units written, {summary.units_skipped} already committed, "
         f"{summary.samples} samples, {summary.failures} failures in {summary.seconds:.1f}s "
         f"({summary.startup_seconds:.1f}s starting models)"
     )
-    if summary.units_failed:
+    _report_run_problems(summary)
+
+
+def _report_run_problems(summary: Any) -> None:
+    """After a run: Ctrl-C (exit 130), failed units or an unwritten manifest (exit 1), one line each
+    and how to go on; the details are in the Ray logs, not on the terminal."""
+    if summary.manifest_error:
+        errors.print(summary.manifest_error, highlight=False, soft_wrap=True, markup=False)
+    if summary.interrupted:
+        committed = summary.units_skipped + summary.units_done
+        errors.print(f"interrupted: {committed} of {summary.units_planned} units committed; "
+                     "rerun the same command to resume", highlight=False)
+        raise typer.Exit(130)
+    if summary.units_failed or summary.manifest_error:
         for unit_id, reason in summary.units_failed:
-            errors.print(f"unit {unit_id} failed: {reason}", highlight=False, soft_wrap=True)
+            errors.print(f"unit {unit_id} failed: {reason}", highlight=False, soft_wrap=True, markup=False)
         errors.print("rerun the same command to retry the failed units", highlight=False)
         raise typer.Exit(1)
 

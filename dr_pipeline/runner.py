@@ -59,6 +59,8 @@ class RunSummary:
     seconds: float = 0.0
     startup_seconds: float = 0.0  # until the model actors are up (Ray start, model load)
     units_failed: list[tuple[str, str]] = field(default_factory=list)
+    interrupted: bool = False  # stopped by Ctrl-C (SIGINT): units in flight were cancelled
+    manifest_error: str | None = None  # the driver could not write dataset.json / runs.json (storage)
 
 
 def one_line(error: BaseException) -> str:
@@ -251,6 +253,7 @@ def manifest_cards(manifest: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
 LOST_WITH_THE_NODE = (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError,
                       ray.exceptions.ObjectLostError, ray.exceptions.OwnerDiedError)
 MAX_UNIT_MOVES = 3  # times a unit is handed to another actor after its actor or node was lost
+CANCEL_SECONDS = 30.0  # after Ctrl-C, how long the units in flight get to stop
 
 
 def run_unit_tasks(
@@ -282,55 +285,70 @@ def run_unit_tasks(
     retry: deque[Unit] = deque()
     queue = iter(units)
     unit = next(queue, None)
-    while unit is not None or retry or pending:
-        actors.watch(force=not pending)
-        while (retry or unit is not None) and len(pending) < job.resources.cpu_workers:
-            actor = actors.least_loaded()
-            if actor is None:
-                break
-            actor.units += 1
-            if retry:
-                todo = retry.popleft()
-            else:
-                todo, unit = unit, next(queue, None)
-            strategy = NodeAffinitySchedulingStrategy(actor.node_id, soft=True)
-            ref = task.options(scheduling_strategy=strategy).remote(todo, *task_args, actor.handle, tally)
-            pending[ref] = (todo, actor)
-        if on_submitted:
-            on_submitted()
-            on_submitted = None
-        waiting = list(pending) or list(actors.starting)  # no live actor: wait for one to come up
-        ready, _ = ray.wait(waiting, num_returns=1, timeout=POLL_SECONDS) if waiting else ([], [])
-        for ref in ready:
-            if ref not in pending:
-                continue
-            done_unit, actor = pending.pop(ref)
-            actor.units -= 1
-            try:
-                stats = ray.get(ref)
-            except LOST_WITH_THE_NODE as error:
+
+    def collect(ref: Any) -> None:
+        """Count a finished unit task: committed, failed, or lost with its actor (moved on)."""
+        done_unit, actor = pending.pop(ref)
+        actor.units -= 1
+        try:
+            stats = ray.get(ref)
+        except ray.exceptions.RayError as error:
+            if summary.interrupted:
+                return  # cancelled: neither done nor failed, the next run does it
+            if isinstance(error, LOST_WITH_THE_NODE):
                 actors.drop(actor)
                 moved[done_unit.id] += 1
                 if moved[done_unit.id] <= MAX_UNIT_MOVES:
                     retry.append(done_unit)
+                    return
+            summary.units_failed.append((done_unit.id, one_line(error)))
+            tracker.unit_failed()
+            return
+        written.add(stats)
+        tracker.unit_done(stats)
+        summary.units_done += 1
+        summary.samples += stats["samples"]
+        summary.failures += stats.get("failures", 0)
+
+    try:
+        while unit is not None or retry or pending:
+            actors.watch(force=not pending)
+            while (retry or unit is not None) and len(pending) < job.resources.cpu_workers:
+                actor = actors.least_loaded()
+                if actor is None:
+                    break
+                actor.units += 1
+                if retry:
+                    todo = retry.popleft()
                 else:
-                    summary.units_failed.append((done_unit.id, one_line(error)))
-                    tracker.unit_failed()
-                continue
-            except ray.exceptions.RayError as error:
-                summary.units_failed.append((done_unit.id, one_line(error)))
-                tracker.unit_failed()
-                continue
-            written.add(stats)
-            tracker.unit_done(stats)
-            summary.units_done += 1
-            summary.samples += stats["samples"]
-            summary.failures += stats.get("failures", 0)
-        if time.monotonic() - polled >= POLL_SECONDS or not (unit is not None or retry or pending):
-            polled = time.monotonic()
-            progress = tracker.snapshot(*ray.get(tally.totals.remote()))
-            if on_progress:
-                on_progress(progress)
+                    todo, unit = unit, next(queue, None)
+                strategy = NodeAffinitySchedulingStrategy(actor.node_id, soft=True)
+                ref = task.options(scheduling_strategy=strategy).remote(todo, *task_args, actor.handle, tally)
+                pending[ref] = (todo, actor)
+            if on_submitted:
+                on_submitted()
+                on_submitted = None
+            waiting = list(pending) or list(actors.starting)  # no live actor: wait for one to come up
+            ready, _ = ray.wait(waiting, num_returns=1, timeout=POLL_SECONDS) if waiting else ([], [])
+            for ref in ready:
+                if ref in pending:
+                    collect(ref)
+            if time.monotonic() - polled >= POLL_SECONDS or not (unit is not None or retry or pending):
+                polled = time.monotonic()
+                progress = tracker.snapshot(*ray.get(tally.totals.remote()))
+                if on_progress:
+                    on_progress(progress)
+    except KeyboardInterrupt:
+        # Ctrl-C: cancel the units in flight (each removes its temp files as it stops) and
+        # count those that committed meanwhile; the caller writes what is committed.
+        summary.interrupted = True
+        on_submitted = None
+        for ref in pending:
+            ray.cancel(ref)
+        ready, _ = ray.wait(list(pending), num_returns=len(pending), timeout=CANCEL_SECONDS) if pending else ([], [])
+        for ref in ready:
+            collect(ref)
+        progress = tracker.snapshot(*ray.get(tally.totals.remote()))
     if on_submitted:  # there was no unit to run
         on_submitted()
     return written, progress
@@ -389,7 +407,8 @@ def run_job(
             summary.startup_seconds = time.time() - started
             cards = {"teachers": described["teachers"], "captioners": described["captioners"]}
             head.update(manifest_head(job, layout_for(job, cards), cards, plan.created_at))
-            write_manifest(out, head, iter_unit_stats(out, _committed_ids(out, units)), len(units), {"runs": runs})
+            with _storage_errors_noted(summary):
+                write_manifest(out, head, iter_unit_stats(out, _committed_ids(out, units)), len(units), {"runs": runs})
 
         unit_task = ray.remote(num_cpus=1, max_retries=2, retry_exceptions=[OSError])(process_unit)
         task_args = (job, [actors.first[0]])
@@ -403,8 +422,22 @@ def run_job(
         summary.seconds = time.time() - started
         runs.append(run_record(started, summary.seconds, summary.startup_seconds, progress, written,
                                actors.nodes_used))
-        write_runs(out, runs)
+        if not head:  # interrupted before the models were up: nothing new to record
+            return summary
         cards = manifest_cards(head)
         final_head = manifest_head(job, layout_for(job, cards), cards, plan.created_at)
-        write_manifest(out, final_head, iter_unit_stats(out, _committed_ids(out, units)), len(units), {"runs": runs})
+        with _storage_errors_noted(summary):
+            write_runs(out, runs)
+            write_manifest(out, final_head, iter_unit_stats(out, _committed_ids(out, units)), len(units), {"runs": runs})
     return summary
+
+
+@contextlib.contextmanager
+def _storage_errors_noted(summary: RunSummary) -> Iterator[None]:
+    """The driver's own writes (dataset.json, runs.json): a storage error is reported with the
+    units' outcome (summary.manifest_error) instead of ending the run with a traceback; the
+    units' markers are the truth and the next run writes the manifest again."""
+    try:
+        yield
+    except OSError as error:
+        summary.manifest_error = f"dataset.json not updated: {type(error).__name__}: {one_line(error)}"

@@ -148,7 +148,12 @@ def open_unit_writer(
             writer = ParquetUnitWriter(sink, layout)
         else:
             writer = WebDatasetUnitWriter(sink, layout, output.keep_images)
-        yield writer, committed
+        try:
+            yield writer, committed
+        except BaseException:  # the unit failed or was cancelled: the temp file is removed next
+            with contextlib.suppress(Exception):
+                writer.close()  # now, or the writer's finaliser writes to the removed file later
+            raise
         writer.close()
     committed.append(sink.info)
 
