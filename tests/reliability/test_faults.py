@@ -285,7 +285,8 @@ def test_a_shard_missing_at_resume_fails_its_unit_until_it_is_back(sample_shards
     assert (again.units_skipped, again.units_done, again.units_failed) == (2, 1, [])
     dataset = open_dataset(str(tmp_path / "out"))
     (unit,) = [u for u in dataset.units if u["id"] == "00001"]
-    assert (unit["input_samples"], unit["samples"], unit["failures"]) == (7, 6, 1)  # its empty caption
+    assert (unit["input_samples"], unit["samples"], unit["failures"]) == (7, 5, 2)
+    assert unit["failures_by_reason"] == {"empty_text": 1, "undecodable_image": 1}  # its own bad samples only
     assert validate_dataset(str(tmp_path / "out")).problems == []
 
 
