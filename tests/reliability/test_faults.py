@@ -26,7 +26,7 @@ from dr_pipeline.config import parse_job
 from dr_pipeline.errors import ConfigError
 from dr_pipeline.manifest import MANIFEST_FILE
 from dr_pipeline.reader import open_dataset
-from dr_pipeline.runner import plan_output, run_job
+from dr_pipeline.runner import plan_output, process_unit, run_job
 from dr_pipeline.validate import validate_dataset
 from dr_pipeline.verify import verify_dataset
 from tests.reliability.faulty import FLAKY_SPEC, TINY_TEACHER, register_faulty_filesystem
@@ -264,7 +264,8 @@ def test_ctrl_c_cancels_the_units_in_flight_and_writes_what_committed(sample_sha
 
 def test_a_shard_missing_at_resume_fails_its_unit_until_it_is_back(sample_shards, small_job_dict, tmp_path):
     """A shard deleted after the plan was made (between a kill and the resume): its unit fails
-    and is not committed; once the file is back, a rerun commits it with all its samples."""
+    and is not committed; once the file is back, a rerun commits it with all its samples, and
+    a task of that unit run again (its node died after the marker) rewrites nothing."""
     shards = []
     for url in sample_shards:
         shards.append(str(tmp_path / Path(url).name))
@@ -288,6 +289,13 @@ def test_a_shard_missing_at_resume_fails_its_unit_until_it_is_back(sample_shards
     assert (unit["input_samples"], unit["samples"], unit["failures"]) == (7, 5, 2)
     assert unit["failures_by_reason"] == {"empty_text": 1, "undecodable_image": 1}  # its own bad samples only
     assert validate_dataset(str(tmp_path / "out")).problems == []
+
+    # Ray runs a unit's task again when its node dies: after the marker, that changes nothing.
+    data = tmp_path / "out" / "data"
+    files = {p.name: p.stat().st_mtime_ns for p in data.iterdir()}
+    (planned,) = [u for u in plan_output(job, overwrite=False)[1].units if u.id == "00001"]
+    assert process_unit(planned, job, [None], None) == json.loads((data / "00001.stats.json").read_text())
+    assert {p.name: p.stat().st_mtime_ns for p in data.iterdir()} == files
 
 
 @pytest.mark.parametrize("render_views_on", ["cpu", "accelerator"])
