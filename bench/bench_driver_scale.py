@@ -115,6 +115,20 @@ class _FakeTask:
         return _Ref(unit_stats(unit, self.config_hash))
 
 
+class _OneActor:
+    """Stands for runner.ModelActors: one live actor on a node that never leaves."""
+
+    def __init__(self) -> None:
+        self.live = [runner.ModelActor("actor", "ab" * 28, None)]
+        self.starting: dict[Any, Any] = {}
+
+    def watch(self, force: bool = False) -> None:
+        pass
+
+    def least_loaded(self) -> runner.ModelActor:
+        return self.live[0]
+
+
 _FAKE_TALLY = types.SimpleNamespace(totals=types.SimpleNamespace(remote=lambda: _Ref((0, 0))))
 _FAKE_RAY = types.SimpleNamespace(
     wait=lambda refs, num_returns, timeout: (refs[:num_returns], refs[num_returns:]),
@@ -171,7 +185,7 @@ def measure(units: int, folder: str) -> list[Phase]:
         summary = runner.RunSummary(output=folder, units_planned=units)
         with fake_unit_tasks():
             written: StatsSum = measured("schedule", phases, lambda: runner.run_unit_tasks(
-                _FakeTask(config_hash), planned, (), ["actor"], ["ab" * 28], job, summary, None)[0])
+                _FakeTask(config_hash), planned, (), _OneActor(), job, summary, None)[0])
         assert written.units == summary.units_done == units
         head = manifest_head(job, layout, CARDS, "2025-01-01T00:00:00+00:00")
         totals = measured("manifest", phases, lambda: write_manifest(

@@ -108,12 +108,16 @@ def run(
         from dr_pipeline.progress import ProgressDisplay
         from dr_pipeline.runner import run_job
 
-        with ProgressDisplay(console, job.name) as display:
-            if extend is not None:
-                summary = _guarded(lambda: extend_dataset(job, address=address, on_progress=display.update))
-            else:
-                summary = _guarded(lambda: run_job(job, address=address, overwrite=overwrite,
-                                                   on_progress=display.update))
+        try:
+            with ProgressDisplay(console, job.name) as display:
+                if extend is not None:
+                    summary = _guarded(lambda: extend_dataset(job, address=address, on_progress=display.update))
+                else:
+                    summary = _guarded(lambda: run_job(job, address=address, overwrite=overwrite,
+                                                       on_progress=display.update))
+        except KeyboardInterrupt:  # before any unit ran (planning, starting Ray)
+            errors.print("interrupted; rerun the same command to resume", highlight=False)
+            raise typer.Exit(130) from None
         console.print(
             f"this run: {summary.units_done} units written, {summary.units_skipped} already committed, "
             f"{summary.samples} samples, {summary.failures} failures in {summary.seconds:.1f}s "
@@ -121,15 +125,29 @@ def run(
         )
         console.print(_dataset_line(summary.output, job.output.storage_options), markup=False, highlight=False,
                       soft_wrap=True)
-        if summary.units_failed:
-            for unit_id, reason in summary.units_failed:
-                errors.print(f"unit {unit_id} failed: {reason}", markup=False, highlight=False, soft_wrap=True)
-            if len(summary.units_refused) == len(summary.units_failed):  # bad input: a rerun fails the same way
-                raise typer.Exit(2)
-            errors.print("rerun the same command to retry the failed units"
-                         + (" (fix the input of the others first)" if summary.units_refused else ""), highlight=False)
-            raise typer.Exit(1)
+        _report_run_problems(summary)
 
+
+def _report_run_problems(summary: Any) -> None:
+    """After a run: Ctrl-C (exit 130), failed units or an unwritten manifest (exit 1; exit 2 when every
+    failed unit was refused for its input, which a rerun cannot fix), one line each and how to go on;
+    the details are in the run's log file, not on the terminal."""
+    if summary.manifest_error:
+        errors.print(summary.manifest_error, highlight=False, soft_wrap=True, markup=False)
+    if summary.interrupted:
+        committed = summary.units_skipped + summary.units_done
+        errors.print(f"interrupted: {committed} of {summary.units_planned} units committed; "
+                     "rerun the same command to resume", highlight=False)
+        raise typer.Exit(130)
+    if summary.units_failed or summary.manifest_error:
+        for unit_id, reason in summary.units_failed:
+            errors.print(f"unit {unit_id} failed: {reason}", highlight=False, soft_wrap=True, markup=False)
+        if summary.units_failed and len(summary.units_refused) == len(summary.units_failed) \
+                and not summary.manifest_error:  # bad input: a rerun fails the same way
+            raise typer.Exit(2)
+        errors.print("rerun the same command to retry the failed units"
+                     + (" (fix the input of the others first)" if summary.units_refused else ""), highlight=False)
+        raise typer.Exit(1)
 
 def _dataset_line(url: str, storage_options: dict[str, Any]) -> str:
     """The whole dataset as its manifest now counts it (every run, every --extend), beside this run's line."""

@@ -213,8 +213,22 @@ class OutputConfig(StrictModel):
         return value
 
 
+class ActorRange(StrictModel):
+    """An elastic number of model actors: the run starts once `min` are up and adds actors as
+    GPUs (on a CPU cluster, CPUs) join, up to `max` (runner.ModelActors)."""
+
+    min: int = Field(ge=1, le=100_000)
+    max: int = Field(ge=1, le=100_000)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "ActorRange":
+        if self.min > self.max:
+            raise ValueError(f"actors: min ({self.min}) must not exceed max ({self.max})")
+        return self
+
+
 class ResourcesConfig(StrictModel):
-    actors: int = Field(1, ge=1, le=100_000)
+    actors: int | ActorRange = 1  # a fixed number, or {min: M, max: N}
     gpus_per_actor: float | Literal["auto"] = "auto"
     cpus_per_actor: float = Field(1.0, ge=0.0)
     model_threads: int | None = Field(None, ge=1, le=1024)  # torch CPU threads of a model actor; None: cpus_per_actor
@@ -227,6 +241,28 @@ class ResourcesConfig(StrictModel):
     compile: str | None = None  # a torch.compile backend for teacher forwards, e.g. "inductor"; None: eager
     pin_memory: bool = True  # views staged in pinned memory, copied to the GPU without blocking
     render_views_on: Literal["cpu", "accelerator"] = "cpu"  # where views are rendered (augment.py)
+
+    @field_validator("actors", mode="before")
+    @classmethod
+    def _actors(cls, value: Any) -> Any:
+        """One message for either form (pydantic would report the int and the range form both)."""
+        usage = "actors must be a whole number from 1 to 100000 or {min: M, max: N} with 1 <= M <= N"
+        if isinstance(value, dict):
+            whole = all(isinstance(v, int) and not isinstance(v, bool) for v in value.values())
+            if set(value) != {"min", "max"} or not whole or not 1 <= value["min"] <= value["max"] <= 100_000:
+                raise ValueError(f"{usage}, got {value}")
+            return ActorRange(**value)
+        whole = isinstance(value, int) and not isinstance(value, bool)
+        if not isinstance(value, ActorRange) and not (whole and 1 <= value <= 100_000):
+            raise ValueError(f"{usage}, got {value!r}")
+        return value
+
+    @property
+    def actor_range(self) -> ActorRange:
+        """`actors` as a range; a fixed number N is the range N..N."""
+        if isinstance(self.actors, ActorRange):
+            return self.actors
+        return ActorRange(min=self.actors, max=self.actors)
 
     @field_validator("gpus_per_actor")
     @classmethod

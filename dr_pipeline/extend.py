@@ -57,7 +57,8 @@ from dr_pipeline.runner import (
     model_results,
     ray_session,
     run_unit_tasks,
-    start_workers,
+    start_actors,
+    started_cards,
     with_storage_retries,
 )
 from dr_pipeline.schema import DatasetLayout, storage_columns
@@ -363,7 +364,8 @@ def _extend_planned(
     todo = [unit for unit in units if unit.id not in done]
     if todo:
         with ray_session(address):
-            workers, nodes, described = start_workers(extension.job, ExtensionWorker, extension)
+            actors = start_actors(extension.job, ExtensionWorker, extension)
+            described = started_cards(actors)
             summary.startup_seconds = time.time() - started
             _check_known_cards(manifest, described, extension)
             cards = {
@@ -375,16 +377,19 @@ def _extend_planned(
             caption_sizes = caption_input_sizes(cards)
             task = ray.remote(num_cpus=1, max_retries=2, retry_exceptions=[OSError])(extend_unit_retrying)
             task_args = (extension, sidecar, caption_sizes)
-            returned, progress = run_unit_tasks(task, todo, task_args, workers, nodes, extension.job, summary,
-                                                on_progress)
+            try:
+                returned, progress = run_unit_tasks(task, todo, task_args, actors, extension.job, summary,
+                                                    on_progress)
+            finally:
+                actors.close()
             summary.seconds = time.time() - started
             done = read_unit_stats(out, units, sidecar_folder(extension.id))
             written = StatsSum()
             for unit in todo:
                 if unit.id in done:
                     written.add(done[unit.id])
-            runs = [run_record(started, summary.seconds, summary.startup_seconds, progress, written, nodes,
-                               returned.storage_retries)]
+            runs = [run_record(started, summary.seconds, summary.startup_seconds, progress, written,
+                               actors.nodes_used, returned.storage_retries)]
     else:  # killed after the last sidecar unit, before the manifest
         saved = out.read_json(sidecar_folder(extension.id), "extension.json")
         cards, sidecar = saved["cards"], SidecarLayout.from_dict(saved["layout"])

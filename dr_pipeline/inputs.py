@@ -33,8 +33,9 @@ from fsspec.implementations.local import LocalFileSystem
 from webdataset.tariterators import base_plus_ext
 
 from dr_pipeline.config import InputConfig
-from dr_pipeline.errors import ConfigError
-from dr_pipeline.storage import RetryingReader, filesystem, filesystem_options, fresh, path_exists, retrying
+from dr_pipeline.errors import ConfigError, DrGenError
+from dr_pipeline.storage import (RetryingReader, filesystem, filesystem_options, fresh, path_exists, redact_url,
+                                  retrying)
 
 ShardFormat = Literal["webdataset", "parquet"]
 
@@ -54,6 +55,11 @@ _WEBDATASET_NAME = re.compile(r"\.(tar|tar\.gz|tgz)(\?.*)?$", re.IGNORECASE)
 _PARQUET_NAME = re.compile(r"\.parquet(\?.*)?$", re.IGNORECASE)
 # Errors that mean the file itself is absent or closed to us, not that storage hiccuped.
 _UNOPENABLE = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+
+
+class ShardUnavailable(DrGenError):
+    """An input shard cannot be opened now: its unit fails and is retried by the next run,
+    rather than committed without its samples."""
 
 
 @dataclass
@@ -91,8 +97,8 @@ def list_shards(config: InputConfig) -> list[str]:
     - local files: every one (a stat costs microseconds);
     - other filesystems: the first and the last URL of each pattern, which
       catches a wrong bucket, prefix or range end in two requests even when the
-      pattern expands to 100k shards. A shard missing inside the range becomes
-      an unreadable_shard failure when it is read.
+      pattern expands to 100k shards. A shard missing inside the range fails
+      its unit when it is read (ShardUnavailable; never committed without it).
     Local paths are returned absolute, since workers may run in another directory.
     """
     shards: dict[str, None] = {}
@@ -217,12 +223,19 @@ def iter_shard(url: str, config: InputConfig) -> Iterator[RawSample | InputFailu
     Parquet: columns are input.*_column when set, else detected (see
     PARQUET_*_COLUMNS); without a key column the key is "<shard stem>_<row:09d>".
     Samples without an image or a caption are still yielded with None there.
+    A shard that cannot be opened (absent, not permitted) raises ShardUnavailable: its unit
+    is not committed, so a rerun reads it once it is back; one that opens but is not a
+    tar or parquet file is one unreadable_shard failure.
     """
     shard = _shard_name(url)
     try:
-        shard_format = detect_format(url, config)
         file = _open_shard(url, config)
-    except (ConfigError, *_UNOPENABLE) as error:
+    except _UNOPENABLE as error:
+        raise ShardUnavailable(f"input shard {redact_url(url)} cannot be opened ({error_summary(error)})") from None
+    try:
+        shard_format = detect_format(url, config)
+    except ConfigError as error:
+        file.close()
         yield InputFailure(f"{shard}#unreadable", "unreadable_shard", error_summary(error))
         return
     read = _iter_tar if shard_format == "webdataset" else _iter_parquet

@@ -57,12 +57,15 @@ class ViewBatch:
         return len(self.keys)
 
     def rows(self, indices: list[int]) -> "ViewBatch":
-        """The batch of only these rows, in this order."""
+        """The batch of only these rows, in this order, in either render mode (rendered views,
+        or the originals and their parameters for the actor to render)."""
         return ViewBatch(
             keys=[self.keys[i] for i in indices],
             texts=[self.texts[i] for i in indices],
-            views=self.views[indices],
+            views=None if self.views is None else self.views[indices],
             caption_views={size: views[indices] for size, views in self.caption_views.items()},
+            originals=None if self.originals is None else [self.originals[i] for i in indices],
+            view_params=None if self.view_params is None else [self.view_params[i] for i in indices],
         )
 
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -65,8 +66,10 @@ class UnitReporter:
 
 
 def start_tally() -> Any:
-    """The tally actor; zero CPUs so it never waits for a slot, and it lives as long as the driver."""
-    return ray.remote(num_cpus=0)(ProgressTally).remote()
+    """The tally actor; zero CPUs so it never waits for a slot, on the driver's node so it lives
+    as long as the driver (a worker node may leave the cluster mid-run)."""
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    return ray.remote(num_cpus=0)(ProgressTally).options(scheduling_strategy=here).remote()
 
 
 @dataclass

@@ -34,6 +34,7 @@ from dr_pipeline.manifest import (
     write_manifest,
     write_runs,
 )
+from dr_pipeline.model_actors import ModelActor, ModelActors
 from dr_pipeline.model_worker import BatchResult, ModelWorker
 from dr_pipeline.plan import DATA_DIR, Plan, Unit, check_plan_matches, make_plan, read_plan, write_plan
 from dr_pipeline.prepare import ViewBatch, caption_input_sizes, failure_record, prepare_unit
@@ -63,6 +64,8 @@ class RunSummary:
     units_failed: list[tuple[str, str]] = field(default_factory=list)
     # of units_failed, those that failed on bad input (ConfigError, DatasetError): rerunning cannot help
     units_refused: list[str] = field(default_factory=list)
+    interrupted: bool = False  # stopped by Ctrl-C (SIGINT): units in flight were cancelled
+    manifest_error: str | None = None  # the driver could not write dataset.json / runs.json (storage)
 
 
 def one_line(error: BaseException) -> str:
@@ -191,10 +194,12 @@ def produce_unit(unit: Unit, job: JobConfig, models: list[Any], worker: Any, tal
     """
     torch.set_num_threads(1)
     started = time.time()
+    out = Location.from_url(job.output.url, job.output.storage_options)
+    if out.exists(unit.stats_file):  # committed by an earlier attempt whose node died before it returned
+        return out.read_json(unit.stats_file)
     cards = ray.get(models[0])
     layout = layout_for(job, cards)
     caption_sizes = caption_input_sizes(cards)
-    out = Location.from_url(job.output.url, job.output.storage_options)
     for path in (unit.data_file(job.output.format), unit.failures_file, unit.stats_file):
         out.remove_stale_temps(path)
     failures: list[dict[str, Any]] = []
@@ -252,41 +257,19 @@ def ray_session(address: str | None) -> Iterator[None]:
         ray.shutdown()
 
 
-def create_workers(job: JobConfig, worker_class: type = ModelWorker, worker_arg: Any = None) -> list[Any]:
+def start_actors(job: JobConfig, worker_class: type = ModelWorker, worker_arg: Any = None) -> ModelActors:
     """The model actors, `worker_class(worker_arg or job, use_gpu)` placed by the job's resources
     and spread over the cluster's nodes (unit tasks follow their actor, so the CPU work spreads
-    too); returns at once, while they start and load their models."""
-    gpus = job.resources.gpus_per_actor
-    if gpus == "auto":
-        gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
-    actor_class = ray.remote(worker_class).options(
-        num_cpus=job.resources.cpus_per_actor, num_gpus=gpus, max_restarts=3, max_task_retries=3,
-        scheduling_strategy="SPREAD",
-    )
-    return [actor_class.remote(worker_arg or job, gpus > 0) for _ in range(job.resources.actors)]
+    too); returns at once, while they start and load their models (see ModelActors)."""
+    return ModelActors.start(job, worker_class, worker_arg)
 
 
-def described_workers(described_refs: list[Any]) -> tuple[list[str], dict[str, Any]]:
-    """Wait for the actors' `describe()`: their node ids and the cards of the loaded models."""
+def started_cards(actors: ModelActors) -> dict[str, Any]:
+    """Wait for the first actors to be up; the cards of their models."""
     try:
-        described = ray.get(described_refs)
+        return actors.wait_started()
     except ray.exceptions.RayError as error:
         raise DrGenError(f"model actors failed to start: {one_line(error)}") from None
-    return [d["node_id"] for d in described], described[0]
-
-
-def start_workers(
-    job: JobConfig, worker_class: type = ModelWorker, worker_arg: Any = None
-) -> tuple[list[Any], list[str], dict[str, Any]]:
-    """The model actors once they are up, their node ids, and the cards of the loaded models."""
-    workers = create_workers(job, worker_class, worker_arg)
-    return workers, *described_workers([w.describe.remote() for w in workers])
-
-
-def single_node_id() -> str | None:
-    """The node id when the cluster has one node (local Ray), where every actor and task runs."""
-    nodes = [node["NodeID"] for node in ray.nodes() if node["Alive"]]
-    return nodes[0] if len(nodes) == 1 else None
 
 
 def manifest_cards(manifest: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
@@ -294,22 +277,30 @@ def manifest_cards(manifest: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
     return {kind: [entry["card"] for entry in manifest[kind]] for kind in ("teachers", "captioners")}
 
 
+# Errors that say a unit's task or actor went away with its node or process, not that the unit failed.
+LOST_WITH_THE_NODE = (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError,
+                      ray.exceptions.ObjectLostError, ray.exceptions.OwnerDiedError)
+MAX_UNIT_MOVES = 3  # times a unit is handed to another actor after its actor or node was lost
+CANCEL_SECONDS = 30.0  # after Ctrl-C, how long the units in flight get to stop
+
+
 def run_unit_tasks(
     task: Any,
     units: Iterable[Unit],
     task_args: tuple,
-    workers: list[Any],
-    nodes: list[str],
+    actors: ModelActors,
     job: JobConfig,
     summary: RunSummary,
     on_progress: Callable[[RunProgress], None] | None,
     on_submitted: Callable[[], None] | None = None,
 ) -> tuple[StatsSum, RunProgress]:
-    """`task(unit, *task_args, worker, tally)` for every unit, at most resources.cpu_workers at
-    once, each placed on the node of its least loaded actor. Committed units are counted into
-    `summary`, failed ones go to summary.units_failed; `on_progress` gets a snapshot about every
-    POLL_SECONDS; `on_submitted` is called once the first tasks are submitted (at the end when
-    there are none). Returns the sums over the stats this call committed and the last snapshot.
+    """`task(unit, *task_args, actor, tally)` for every unit, at most resources.cpu_workers at
+    once, each placed on the node of the least loaded live model actor. Committed units are
+    counted into `summary`, failed ones go to summary.units_failed; a unit whose actor or node
+    was lost is handed to a live actor (its redo is safe: see process_unit). `on_progress` gets
+    a snapshot about every POLL_SECONDS; `on_submitted` is called once the first tasks are
+    submitted (at the end when there are none). Returns the sums over the stats this call
+    committed and the last snapshot.
 
     The driver holds only the units in flight and running sums, never every unit's stats."""
     tally = start_tally()
@@ -317,43 +308,77 @@ def run_unit_tasks(
     written = StatsSum()
     progress = tracker.snapshot(0, 0)
     polled = time.monotonic()
-    pending: dict[Any, tuple[Unit, int]] = {}
-    load = Counter({i: 0 for i in range(len(workers))})
+    pending: dict[Any, tuple[Unit, ModelActor]] = {}
+    moved: Counter[str] = Counter()
+    retry: deque[Unit] = deque()
     queue = iter(units)
     unit = next(queue, None)
-    while unit is not None or pending:
-        while unit is not None and len(pending) < job.resources.cpu_workers:
-            index = min(load, key=lambda i: load[i])
-            load[index] += 1
-            strategy = NodeAffinitySchedulingStrategy(nodes[index], soft=True)
-            ref = task.options(scheduling_strategy=strategy).remote(unit, *task_args, workers[index], tally)
-            pending[ref] = (unit, index)
-            unit = next(queue, None)
-        if on_submitted:
-            on_submitted()
-            on_submitted = None
-        ready, _ = ray.wait(list(pending), num_returns=1, timeout=POLL_SECONDS)
+
+    def collect(ref: Any) -> None:
+        """Count a finished unit task: committed, failed, or lost with its actor (moved on)."""
+        done_unit, actor = pending.pop(ref)
+        actor.units -= 1
+        try:
+            stats = ray.get(ref)
+        except ray.exceptions.RayError as error:
+            if summary.interrupted:
+                return  # cancelled: neither done nor failed, the next run does it
+            if isinstance(error, LOST_WITH_THE_NODE):
+                actors.drop(actor)
+                moved[done_unit.id] += 1
+                if moved[done_unit.id] <= MAX_UNIT_MOVES:
+                    retry.append(done_unit)
+                    return
+            summary.units_failed.append((done_unit.id, one_line(error)))
+            if isinstance(error, (ConfigError, DatasetError)):  # a RayTaskError is also its cause's type
+                summary.units_refused.append(done_unit.id)
+            tracker.unit_failed()
+            return
+        written.add(stats)
+        tracker.unit_done(stats)
+        summary.units_done += 1
+        summary.samples += stats["samples"]
+        summary.failures += stats.get("failures", 0)
+
+    try:
+        while unit is not None or retry or pending:
+            actors.watch(force=not pending)
+            while (retry or unit is not None) and len(pending) < job.resources.cpu_workers:
+                actor = actors.least_loaded()
+                if actor is None:
+                    break
+                actor.units += 1
+                if retry:
+                    todo = retry.popleft()
+                else:
+                    todo, unit = unit, next(queue, None)
+                strategy = NodeAffinitySchedulingStrategy(actor.node_id, soft=True)
+                ref = task.options(scheduling_strategy=strategy).remote(todo, *task_args, actor.handle, tally)
+                pending[ref] = (todo, actor)
+            if on_submitted:
+                on_submitted()
+                on_submitted = None
+            waiting = list(pending) or list(actors.starting)  # no live actor: wait for one to come up
+            ready, _ = ray.wait(waiting, num_returns=1, timeout=POLL_SECONDS) if waiting else ([], [])
+            for ref in ready:
+                if ref in pending:
+                    collect(ref)
+            if time.monotonic() - polled >= POLL_SECONDS or not (unit is not None or retry or pending):
+                polled = time.monotonic()
+                progress = tracker.snapshot(*ray.get(tally.totals.remote()))
+                if on_progress:
+                    on_progress(progress)
+    except KeyboardInterrupt:
+        # Ctrl-C: cancel the units in flight (each removes its temp files as it stops) and
+        # count those that committed meanwhile; the caller writes what is committed.
+        summary.interrupted = True
+        on_submitted = None
+        for ref in pending:
+            ray.cancel(ref)
+        ready, _ = ray.wait(list(pending), num_returns=len(pending), timeout=CANCEL_SECONDS) if pending else ([], [])
         for ref in ready:
-            done_unit, index = pending.pop(ref)
-            load[index] -= 1
-            try:
-                stats = ray.get(ref)
-            except ray.exceptions.RayError as error:
-                summary.units_failed.append((done_unit.id, one_line(error)))
-                if isinstance(error, (ConfigError, DatasetError)):  # a RayTaskError is also its cause's type
-                    summary.units_refused.append(done_unit.id)
-                tracker.unit_failed()
-                continue
-            written.add(stats)
-            tracker.unit_done(stats)
-            summary.units_done += 1
-            summary.samples += stats["samples"]
-            summary.failures += stats.get("failures", 0)
-        if time.monotonic() - polled >= POLL_SECONDS or not (unit is not None or pending):
-            polled = time.monotonic()
-            progress = tracker.snapshot(*ray.get(tally.totals.remote()))
-            if on_progress:
-                on_progress(progress)
+            collect(ref)
+        progress = tracker.snapshot(*ray.get(tally.totals.remote()))
     if on_submitted:  # there was no unit to run
         on_submitted()
     return written, progress
@@ -424,32 +449,50 @@ def _run_planned(
     with ray_session(address):
         # Unit tasks start while the actors load their models (their worker processes import
         # torch meanwhile); on a cluster of several nodes they wait for the actors' node ids.
-        workers = create_workers(job)
-        described_refs = [w.describe.remote() for w in workers]
-        node = single_node_id()
-        nodes = [node] * len(workers) if node else described_workers(described_refs)[0]
+        actors = start_actors(job)
+        if not actors.live:
+            started_cards(actors)
         runs = read_runs(out)
         head: dict[str, Any] = {}
 
         def write_started_manifest() -> None:
             """Once the models are up: the manifest with their cards (status incomplete)."""
-            described = described_workers(described_refs)[1]
+            described = started_cards(actors)
             summary.startup_seconds = time.time() - started
             cards = {"teachers": described["teachers"], "captioners": described["captioners"]}
             head.update(manifest_head(job, layout_for(job, cards), cards, plan.created_at))
-            _write_manifest_from_markers(out, head, units, {"runs": runs})
+            with _storage_errors_noted(summary):
+                _write_manifest_from_markers(out, head, units, {"runs": runs})
 
         unit_task = ray.remote(num_cpus=1, max_retries=2, retry_exceptions=[OSError])(process_unit)
-        task_args = (job, [described_refs[0]])
-        written, progress = run_unit_tasks(
-            unit_task, todo, task_args, workers, nodes, job, summary, report_progress, write_started_manifest
-        )
+        task_args = (job, [actors.first[0]])
+        try:
+            written, progress = run_unit_tasks(
+                unit_task, todo, task_args, actors, job, summary, report_progress, write_started_manifest
+            )
+        finally:
+            actors.close()
         del todo
         summary.seconds = time.time() - started
         retries = written.storage_retries + storage_retries() - retries_at_start
-        runs.append(run_record(started, summary.seconds, summary.startup_seconds, progress, written, nodes, retries))
-        write_runs(out, runs)
+        runs.append(run_record(started, summary.seconds, summary.startup_seconds, progress, written,
+                               actors.nodes_used, retries))
+        if not head:  # interrupted before the models were up: nothing new to record
+            return summary
         cards = manifest_cards(head)
         final_head = manifest_head(job, layout_for(job, cards), cards, plan.created_at)
-        _write_manifest_from_markers(out, final_head, units, {"runs": runs})
+        with _storage_errors_noted(summary):
+            write_runs(out, runs)
+            _write_manifest_from_markers(out, final_head, units, {"runs": runs})
     return summary
+
+
+@contextlib.contextmanager
+def _storage_errors_noted(summary: RunSummary) -> Iterator[None]:
+    """The driver's own writes (dataset.json, runs.json): a storage error is reported with the
+    units' outcome (summary.manifest_error) instead of ending the run with a traceback; the
+    units' markers are the truth and the next run writes the manifest again."""
+    try:
+        yield
+    except OSError as error:
+        summary.manifest_error = f"dataset.json not updated: {type(error).__name__}: {one_line(error)}"

@@ -167,11 +167,9 @@ def open_unit_writer(
             writer = WebDatasetUnitWriter(sink, layout, output.keep_images)
         try:
             yield writer, committed
-        except BaseException:
-            # the temp file is dropped; closing the writer now keeps pyarrow from reporting, at garbage
-            # collection, a write to the file already closed ("Exception ignored in ParquetWriter.__del__")
+        except BaseException:  # the unit failed or was cancelled: the temp file is removed next
             with contextlib.suppress(Exception):
-                writer.close()
+                writer.close()  # now, or the writer's finaliser writes to the removed file later
             raise
         writer.close()
     committed.append(sink.info)

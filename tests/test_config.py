@@ -106,3 +106,15 @@ def test_output_hash_ignores_resources_and_secrets_but_not_content():
     assert base.output_hash() == resized.output_hash() == secret.output_hash()
     assert base.output_hash() != reseeded.output_hash()
     assert "s3cr3t" not in yaml.safe_dump(secret.public_dump())
+
+
+def test_actors_is_a_number_or_a_min_max_range():
+    assert parse_job(_minimal()).resources.actor_range.model_dump() == {"min": 1, "max": 1}
+    assert parse_job(_minimal(resources={"actors": 8})).resources.actor_range.model_dump() == {"min": 8, "max": 8}
+    elastic = parse_job(_minimal(resources={"actors": {"min": 2, "max": 16}}))
+    assert elastic.resources.actor_range.model_dump() == {"min": 2, "max": 16}
+    assert elastic.output_hash() == parse_job(_minimal()).output_hash()
+    for bad in (0, True, "8", {"min": 3, "max": 2}, {"min": 0, "max": 2}, {"min": 2}, {"min": 1.5, "max": 2}):
+        with pytest.raises(ConfigError, match=r"^config: resources.actors: .*\{min: M, max: N\}") as error:
+            parse_job(_minimal(resources={"actors": bad}))
+        assert "\n" not in str(error.value)

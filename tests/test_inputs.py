@@ -16,7 +16,7 @@ from fsspec.implementations.memory import MemoryFileSystem
 from dr_pipeline import inputs
 from dr_pipeline.config import InputConfig
 from dr_pipeline.errors import ConfigError
-from dr_pipeline.inputs import InputFailure, RawSample, detect_format, iter_shard, list_shards
+from dr_pipeline.inputs import InputFailure, RawSample, ShardUnavailable, detect_format, iter_shard, list_shards
 from dr_pipeline.sample_data import sample_records
 from sample_parquet import write_sample_parquet
 
@@ -248,17 +248,20 @@ def test_tar_damage_after_the_start_is_a_truncated_shard_keyed_by_shard_when_no_
     ]
 
 
-def test_empty_tar_yields_nothing_and_non_tar_or_missing_files_one_unreadable_failure():
+def test_empty_tar_yields_nothing_and_non_tar_files_one_unreadable_failure():
     assert read_all(put(memory_url("empty.tar"), tar_bytes([]))) == []
     for name, data in (("zero.tar", b""), ("garbage.tar", b"this is not a tar archive" * 100)):
         read = read_all(put(memory_url(name), data))
         assert [(f.key, f.reason) for f in read] == [(f"{name}#unreadable", "unreadable_shard")]
         assert read[0].detail.startswith("not a tar archive")
-    missing = read_all(memory_url("missing.tar"))
-    assert [(f.key, f.reason) for f in missing] == [("missing.tar#unreadable", "unreadable_shard")]
-    assert "FileNotFoundError" in missing[0].detail
     unknown = read_all(put(memory_url("mystery"), b"neither format"))
     assert [(f.key, f.reason) for f in unknown] == [("mystery#unreadable", "unreadable_shard")]
+
+
+def test_a_shard_that_cannot_be_opened_raises_rather_than_yielding_a_failure():
+    """Its unit must fail (and a rerun retry it), never be committed without its samples."""
+    with pytest.raises(ShardUnavailable, match="missing.tar cannot be opened .*FileNotFoundError"):
+        read_all(memory_url("missing.tar"))
 
 
 def test_tar_reading_streams(sample_shards, monkeypatch):

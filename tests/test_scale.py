@@ -1,12 +1,8 @@
 """Scale-out: a job across a two-node Ray cluster, and the driver's memory with a large plan."""
 
 import importlib.util
-import os
-import signal
-import socket
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -14,71 +10,21 @@ import pytest
 import yaml
 
 from dr_pipeline.reader import open_dataset
+from tests.ray_cluster import LocalCluster
 
 ROOT = Path(__file__).resolve().parent.parent
-RAY = str(Path(sys.executable).with_name("ray"))
-
-
-def _free_ports(count):
-    sockets = [socket.socket() for _ in range(count)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
-def _start_node(args, env, log):
-    """`ray start ... --block` in its own process group; returns once the node is up."""
-    process = subprocess.Popen([RAY, "start", "--block", "--disable-usage-stats", *args], env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    for line in process.stdout:
-        log.append(line)
-        if "Ray runtime started" in line:
-            return process
-    raise RuntimeError("ray start failed:\n" + "".join(log[-30:]))
-
-
-def _stop_node(process):
-    """Stop one node started by _start_node: its process group (ray start, raylet, its workers)."""
-    for sig, wait in ((signal.SIGTERM, 5), (signal.SIGKILL, 5)):
-        try:
-            os.killpg(process.pid, sig)
-            process.wait(wait)
-            return
-        except ProcessLookupError:
-            return
-        except subprocess.TimeoutExpired:
-            continue
 
 
 @pytest.fixture(scope="module")
 def two_node_cluster():
-    """A head (2 CPUs) and a second node (2 CPUs) on this machine, on ports and a temp dir of their own
-    so they cannot meet another Ray on the machine; both stopped by the finalizer. Nodes import this
-    checkout's code (PYTHONPATH). Yields the head's address."""
-    gcs, *ports = _free_ports(11)
-    temp_dir = tempfile.mkdtemp(prefix="drg", dir="/tmp")  # short: Ray's socket paths have a length limit
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-           "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1"}
-
-    def node_ports(offset):
-        names = ("--node-manager-port", "--object-manager-port", "--dashboard-agent-listen-port",
-                 "--dashboard-agent-grpc-port", "--metrics-export-port")
-        return [f"{name}={port}" for name, port in zip(names, ports[offset:offset + 5])]
-
-    log, nodes = [], []
+    """A head (2 CPUs) and a second node (2 CPUs) on this machine (tests/ray_cluster.py), both
+    stopped by the finalizer. Yields the head's address and the nodes' environment."""
+    cluster = LocalCluster(cpus=2)
     try:
-        nodes.append(_start_node(["--head", f"--port={gcs}",
-                                  "--node-ip-address=127.0.0.1", "--include-dashboard=false", "--num-cpus=2",
-                                  "--num-gpus=0", f"--temp-dir={temp_dir}", *node_ports(0)], env, log))
-        nodes.append(_start_node([f"--address=127.0.0.1:{gcs}", "--node-ip-address=127.0.0.1", "--num-cpus=2",
-                                  "--num-gpus=0", *node_ports(5)], env, log))
-        yield f"127.0.0.1:{gcs}", env
+        cluster.start_head().add_node()
+        yield cluster.address, cluster.env
     finally:
-        for process in reversed(nodes):
-            _stop_node(process)
+        cluster.stop()
 
 
 def test_a_job_runs_on_both_nodes_and_writes_the_single_node_dataset(

@@ -8,6 +8,7 @@ import dataclasses
 import errno
 import os
 import signal
+import threading
 from typing import Any
 
 import fsspec
@@ -27,7 +28,9 @@ class FlakyTeacher:
     - die_at_call N, die_marker PATH: the actor process SIGKILLs itself at its Nth image batch,
       once (the marker file records that it happened, across the restart);
     - fail_on_text WORD, attempts_log PATH: every text batch holding WORD raises, and appends
-      its texts to the log, one line per attempt.
+      its texts to the log, one line per attempt;
+    - hold_on_text WORD, held_marker PATH: a text batch holding WORD touches the marker and
+      never returns (the run is interrupted meanwhile), once: not when the marker exists.
     """
 
     def __init__(self, config: TeacherConfig, device: torch.device, precision: str):
@@ -45,6 +48,10 @@ class FlakyTeacher:
         return self.inner.encode_image(views)
 
     def encode_text(self, texts: list[str]) -> torch.Tensor:
+        held = self.options.get("hold_on_text")
+        if held and any(held in text for text in texts) and not os.path.exists(self.options["held_marker"]):
+            open(self.options["held_marker"], "w").close()
+            threading.Event().wait()
         word = self.options.get("fail_on_text")
         if word and any(word in text for text in texts):
             with open(self.options["attempts_log"], "a") as log:
@@ -57,6 +64,8 @@ class FaultyFileSystem(LocalFileSystem):
     """Local files under the `faulty://` protocol, with write errors set by storage options:
 
     - read_only: every open for writing raises PermissionError (EROFS);
+    - read_only_once: a path; writing turns read-only (as above) once that file exists,
+      as when a volume is remounted read-only mid-run;
     - full_for: files whose name contains one of these strings take `capacity` bytes, then
       raise OSError (ENOSPC), leaving them half-written;
     - flaky_for, flaky_failures, attempts_log: an open for writing of a file whose name contains
@@ -68,9 +77,11 @@ class FaultyFileSystem(LocalFileSystem):
     protocol = "faulty"
 
     def __init__(self, read_only: bool = False, full_for: tuple[str, ...] = (), capacity: int = 4,
-                 flaky_for: tuple[str, ...] = (), flaky_failures: int = 0, attempts_log: str = "", **options: Any):
+                 flaky_for: tuple[str, ...] = (), flaky_failures: int = 0, attempts_log: str = "",
+                 read_only_once: str | None = None, **options: Any):
         super().__init__(**options)
         self.read_only = read_only
+        self.read_only_once = read_only_once
         self.full_for = tuple(full_for)
         self.capacity = capacity
         self.flaky_for = tuple(flaky_for)
@@ -79,7 +90,7 @@ class FaultyFileSystem(LocalFileSystem):
 
     def _open(self, path: str, mode: str = "rb", **kwargs: Any) -> Any:
         writing = "r" not in mode
-        if writing and self.read_only:
+        if writing and (self.read_only or (self.read_only_once and os.path.exists(self.read_only_once))):
             raise PermissionError(errno.EROFS, "Read-only file system", path)
         if writing and any(part in os.path.basename(path) for part in self.flaky_for):
             with open(self.attempts_log, "a+") as log:
@@ -122,3 +133,12 @@ class _FillingFile:
 def register_faulty_filesystem() -> None:
     """Ray's worker_process_setup_hook: every worker knows the `faulty` protocol."""
     fsspec.register_implementation(FaultyFileSystem.protocol, FaultyFileSystem, clobber=True)
+
+
+def faulty_runtime_env(runtime_env: dict[str, Any] | None) -> dict[str, Any]:
+    """Ray's RAY_RUNTIME_ENV_HOOK for a driver in its own process: its workers import this
+    checkout (PYTHONPATH) and know the `faulty` protocol."""
+    repository = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    pythonpath = os.pathsep.join(filter(None, [repository, os.environ.get("PYTHONPATH")]))
+    return {**(runtime_env or {}), "env_vars": {"PYTHONPATH": pythonpath},
+            "worker_process_setup_hook": "tests.reliability.faulty.register_faulty_filesystem"}

@@ -9,9 +9,12 @@ the driver's output or the Ray logs.
 
 import json
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -23,7 +26,7 @@ from dr_pipeline.config import parse_job
 from dr_pipeline.errors import ConfigError
 from dr_pipeline.manifest import MANIFEST_FILE
 from dr_pipeline.reader import open_dataset
-from dr_pipeline.runner import plan_output, run_job
+from dr_pipeline.runner import plan_output, process_unit, run_job
 from dr_pipeline.validate import validate_dataset
 from dr_pipeline.verify import verify_dataset
 from tests.reliability.faulty import FLAKY_SPEC, TINY_TEACHER, register_faulty_filesystem
@@ -33,6 +36,7 @@ POISON = "coffee"  # in one caption of the sample shards
 MAX_BATCH_RETRIES = 2
 BATCH_SIZE = 4  # the POISON sample's batch holds it and at least one other
 REPOSITORY = str(Path(__file__).resolve().parents[2])
+RAY_WORKER_LINE = re.compile(r"^(\x1b\[\d+m)?\(\w+ pid=\d+")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -208,3 +212,127 @@ def test_no_secret_reaches_outputs_or_logs(flaky_run, full_disk_run):
     assert len(files) > 20
     leaked = [str(p) for p in files if p.name != "job.yaml" and SECRET.encode() in p.read_bytes()]
     assert leaked == [] and SECRET not in run.stdout + run.stderr
+
+
+def _own_lines(output):
+    """dr-gen's lines of a run's output: without the lines Ray forwards from its workers
+    ("(ModelWorker pid=...) ...", library warnings at model load)."""
+    return [line for line in output.strip().splitlines() if not RAY_WORKER_LINE.match(line)]
+
+
+def _cli_run(job, root, **popen):
+    """`dr-gen run` of `job` in its own process (and session), joined to this module's Ray; the
+    process and its Ray workers know the `faulty://` filesystem."""
+    job_file = root / "job.yaml"
+    job_file.write_text(json.dumps(job.model_dump(mode="json")))
+    cli = "from tests.reliability.faulty import register_faulty_filesystem as r; r(); from dr_pipeline.cli import app; app()"
+    command = [sys.executable, "-c", cli, "run", str(job_file), "--address", ray.get_runtime_context().gcs_address]
+    env = {**os.environ, "RAY_RUNTIME_ENV_HOOK": "tests.reliability.faulty.faulty_runtime_env"}
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPOSITORY,
+                            start_new_session=True, env=env, **popen)
+
+
+def test_output_turning_read_only_mid_run_fails_the_units_in_one_line_each(sample_shards, small_job_dict, tmp_path):
+    """Writes fail from the moment unit 00000 commits (a volume remounted read-only): units
+    00001 and 00002 fail after their retries, and so does the driver's dataset.json."""
+    out = tmp_path / "out"
+    teacher = {"id": "tiny", "spec": TINY_TEACHER}
+    job = _job(sample_shards, small_job_dict, f"faulty://{out}", teacher,
+               {"read_only_once": str(out / "data" / "00000.stats.json")})
+    run = _cli_run(job, tmp_path)
+    stdout, stderr = run.communicate(timeout=300)
+    assert run.returncode == 1, stdout + stderr
+    lines = _own_lines(stderr)
+    assert lines[0].startswith("dataset.json not updated: PermissionError") and "Read-only file system" in lines[0], stderr
+    assert [line.split(":")[0] for line in lines[1:3]] == ["unit 00001 failed", "unit 00002 failed"]
+    assert all("Read-only file system" in line for line in lines[1:3])
+    assert lines[3:] == ["rerun the same command to retry the failed units"]
+    assert "Traceback" not in stdout + stderr  # neither the driver's nor Ray's retries'
+    assert sorted(p.name for p in (out / "data").iterdir()) == ["00000.failures.jsonl", "00000.parquet",
+                                                                "00000.stats.json"]
+
+
+def test_ctrl_c_cancels_the_units_in_flight_and_writes_what_committed(sample_shards, small_job_dict, tmp_path):
+    """SIGINT to the driver's process group while unit 00002 (holding "motorcycle") is in flight,
+    units 00000 and 00001 committed; then a rerun completes the dataset."""
+    out, held = tmp_path / "out", tmp_path / "held"
+    teacher = {"id": "held", "spec": FLAKY_SPEC, "options": {"hold_on_text": "motorcycle", "held_marker": str(held)}}
+    job = _job(sample_shards, small_job_dict, out, teacher)
+    run = _cli_run(job, tmp_path)
+    deadline = time.monotonic() + 300
+    while not held.exists() and run.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert held.exists(), run.communicate()
+    os.killpg(run.pid, signal.SIGINT)
+    stdout, stderr = run.communicate(timeout=120)
+    assert run.returncode == 130, stdout + stderr
+    assert _own_lines(stderr) == ["interrupted: 2 of 3 units committed; rerun the same command to resume"]
+    assert "Traceback" not in stdout + stderr
+    manifest = json.loads((out / MANIFEST_FILE).read_text())
+    assert manifest["status"] == "incomplete" and [u["id"] for u in manifest["units"]] == ["00000", "00001"]
+    assert manifest["totals"]["units_done"] == 2 and manifest["totals"]["samples"] == 11
+    assert sorted(p.name for p in (out / "data").iterdir() if "00002" in p.name) == []  # no temp file either
+
+    summary = run_job(job)  # the same job: the teacher holds only once
+    assert (summary.units_skipped, summary.units_done, summary.units_failed) == (2, 1, [])
+    assert validate_dataset(str(out)).problems == []
+    assert open_dataset(str(out)).manifest["totals"]["samples"] == 18
+
+
+def test_a_shard_missing_at_resume_fails_its_unit_until_it_is_back(sample_shards, small_job_dict, tmp_path):
+    """A shard deleted after the plan was made (between a kill and the resume): its unit fails
+    and is not committed; once the file is back, a rerun commits it with all its samples, and
+    a task of that unit run again (its node died after the marker) rewrites nothing."""
+    shards = []
+    for url in sample_shards:
+        shards.append(str(tmp_path / Path(url).name))
+        shutil.copy(url, shards[-1])
+    job = _job(shards, small_job_dict, tmp_path / "out", {"id": "tiny", "spec": TINY_TEACHER})
+    plan_output(job, overwrite=False)
+    hidden = tmp_path / "hidden.tar"
+    Path(shards[1]).rename(hidden)
+    summary = run_job(job)
+    (failed,) = summary.units_failed
+    assert failed[0] == "00001" and "00001.tar cannot be opened (FileNotFoundError" in failed[1]
+    assert "\n" not in failed[1] and summary.units_done == 2
+    assert not (tmp_path / "out" / "data" / "00001.stats.json").exists()
+    assert [u["id"] for u in open_dataset(str(tmp_path / "out")).units] == ["00000", "00002"]
+
+    hidden.rename(shards[1])
+    again = run_job(job)
+    assert (again.units_skipped, again.units_done, again.units_failed) == (2, 1, [])
+    dataset = open_dataset(str(tmp_path / "out"))
+    (unit,) = [u for u in dataset.units if u["id"] == "00001"]
+    assert (unit["input_samples"], unit["samples"], unit["failures"]) == (7, 5, 2)
+    assert unit["failures_by_reason"] == {"empty_text": 1, "undecodable_image": 1}  # its own bad samples only
+    assert validate_dataset(str(tmp_path / "out")).problems == []
+
+    # Ray runs a unit's task again when its node dies: after the marker, that changes nothing.
+    data = tmp_path / "out" / "data"
+    files = {p.name: p.stat().st_mtime_ns for p in data.iterdir()}
+    (planned,) = [u for u in plan_output(job, overwrite=False)[1].units if u.id == "00001"]
+    assert process_unit(planned, job, [None], None) == json.loads((data / "00001.stats.json").read_text())
+    assert {p.name: p.stat().st_mtime_ns for p in data.iterdir()} == files
+
+
+@pytest.mark.parametrize("render_views_on", ["cpu", "accelerator"])
+def test_one_bad_sample_fails_only_itself_in_both_render_modes(
+    render_views_on, sample_shards, small_job_dict, tmp_path
+):
+    """The row-by-row retry of a failing batch sends each row's views, or its original and view
+    parameters when the actor renders them."""
+    attempts = tmp_path / "attempts.log"
+    teacher = {"id": "flaky", "spec": FLAKY_SPEC, "options": {"fail_on_text": POISON, "attempts_log": str(attempts)}}
+    job = _job(sample_shards, small_job_dict, tmp_path / "out", teacher)
+    job = parse_job({**job.model_dump(mode="json"),
+                     "resources": {**job.resources.model_dump(mode="json"), "render_views_on": render_views_on}})
+    summary = run_job(job)
+    assert summary.units_failed == [] and summary.units_done == 3
+    dataset = open_dataset(str(tmp_path / "out"))
+    model_errors = [f for f in _failures(dataset) if f["reason"] == "model_error"]
+    assert len(model_errors) == 1 and "injected failure" in model_errors[0]["detail"]
+    assert len(dataset) == 17  # 20 less the empty caption, the undecodable image and the bad sample
+    batch_lines = [line for line in attempts.read_text().splitlines() if " | " in line]
+    assert len(batch_lines) == 1 + MAX_BATCH_RETRIES
+    neighbours = set(batch_lines[0].split(" | ")) - {line for line in attempts.read_text().splitlines() if POISON in line and " | " not in line}
+    assert neighbours and neighbours <= {row["text"] for row in dataset.iter_samples()}
