@@ -102,8 +102,9 @@ def test_list_shards_expands_a_huge_remote_range_without_touching_each_shard(mon
     put(f"{folder}/00000.tar", b"x")
     put(f"{folder}/99999.tar", b"x")
     checked = []
-    original_isfile = MemoryFileSystem.isfile
-    monkeypatch.setattr(MemoryFileSystem, "isfile", lambda fs, path: checked.append(path) or original_isfile(fs, path))
+    original_info = MemoryFileSystem.info
+    monkeypatch.setattr(MemoryFileSystem, "info",
+                        lambda fs, path, **kw: checked.append(path) or original_info(fs, path, **kw))
     shards = list_shards(config(f"{folder}/{{00000..99999}}.tar"))
     assert len(shards) == 100_000 and shards[0].endswith("/00000.tar") and shards[-1].endswith("/99999.tar")
     assert sorted(checked) == [shards[0], shards[-1]]
