@@ -106,14 +106,17 @@ def list_shards(config: InputConfig) -> list[str]:
         matches = _expand_pattern(pattern.strip(), config.storage_options)
         if not matches:
             raise ConfigError(f"input {pattern!r} matches no shard")
+        if matches != list(braceexpand(pattern.strip())):  # a glob or a folder was listed, not named
+            matches = _without_img2dataset_metadata(matches)
         shards.update(dict.fromkeys(matches))
-    return sorted(_without_img2dataset_metadata(list(shards)), key=_natural_sort_key)
+    return sorted(shards, key=_natural_sort_key)
 
 
 def _without_img2dataset_metadata(urls: list[str]) -> list[str]:
     """img2dataset writes beside each shard NNNNN.tar its metadata NNNNN.parquet (one row per URL,
-    with status and error_message) and NNNNN_stats.json: neither is a shard. A .parquet whose
-    .tar is listed too, and every .json file, are dropped (the metadata is read with its tar)."""
+    with status and error_message) and NNNNN_stats.json: neither is a shard. Of a folder or glob's
+    files, a .parquet whose .tar is listed too, and every .json file, are dropped (the metadata is
+    read with its tar); shards named one by one are all read."""
     tars = {url[: -len(".tar")] for url in urls if url.endswith(".tar")}
     return [url for url in urls
             if not url.endswith(".json") and not (url.endswith(".parquet") and url[: -len(".parquet")] in tars)]

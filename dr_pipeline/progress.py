@@ -84,6 +84,7 @@ class RunProgress:
     failures: int
     seconds: float  # since the units started (model start-up excluded)
     eta_seconds: float | None
+    actors: int = 0  # model actors in use now (elastic runs: nodes join and leave)
 
     @property
     def samples_per_second(self) -> float:
@@ -108,7 +109,7 @@ class ProgressTracker:
     def unit_failed(self) -> None:
         self.units_failed += 1
 
-    def snapshot(self, samples: int, failures: int) -> RunProgress:
+    def snapshot(self, samples: int, failures: int, actors: int = 0) -> RunProgress:
         seconds = time.time() - self.started
         done = self.units_done
         remaining_units = self.units_planned - self.units_skipped - done - self.units_failed
@@ -121,7 +122,7 @@ class ProgressTracker:
             left = remaining_units * finished / done - (read - finished)
             eta = max(left, 0.0) / (read / seconds)
         return RunProgress(self.units_planned, self.units_skipped, done, self.units_failed, samples, failures,
-                           seconds, eta)
+                           seconds, eta, actors)
 
 
 def run_record(
@@ -157,13 +158,15 @@ def _duration(seconds: float | None) -> str:
 
 
 class ProgressDisplay:
-    """A live rich bar in a terminal; without one (cluster job logs), a line every `log_seconds`."""
+    """A live rich bar in a terminal; without one (cluster job logs), a line every `log_seconds`
+    and whenever the number of model actors changes (nodes joined or left)."""
 
     def __init__(self, console: Console, title: str, log_seconds: float = 30.0):
         self.console = console
         self.title = title
         self.log_seconds = log_seconds
         self._last_log = 0.0
+        self._last_actors = 0
         self._bar: Progress | None = None
         self._task: Any = None
 
@@ -187,13 +190,15 @@ class ProgressDisplay:
     @staticmethod
     def line(progress: RunProgress) -> str:
         return (f"{progress.samples} samples, {progress.samples_per_second:.1f} samples/s, "
-                f"{progress.failures} failures, ETA {_duration(progress.eta_seconds)}")
+                f"{progress.failures} failures, ETA {_duration(progress.eta_seconds)}"
+                + (f", {progress.actors} model actors" if progress.actors else ""))
 
     def update(self, progress: RunProgress) -> None:
         completed = progress.units_skipped + progress.units_done
         if self._bar is not None:
             self._bar.update(self._task, total=progress.units_planned, completed=completed, line=self.line(progress))
-        elif time.time() - self._last_log >= self.log_seconds:
+        elif time.time() - self._last_log >= self.log_seconds or progress.actors != self._last_actors:
             self._last_log = time.time()
+            self._last_actors = progress.actors
             self.console.print(f"{self.title}: {completed}/{progress.units_planned} units, {self.line(progress)}",
                                markup=False, highlight=False, soft_wrap=True)

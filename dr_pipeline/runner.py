@@ -365,7 +365,7 @@ def run_unit_tasks(
                     collect(ref)
             if time.monotonic() - polled >= POLL_SECONDS or not (unit is not None or retry or pending):
                 polled = time.monotonic()
-                progress = tracker.snapshot(*ray.get(tally.totals.remote()))
+                progress = tracker.snapshot(*ray.get(tally.totals.remote()), actors=len(actors.live))
                 if on_progress:
                     on_progress(progress)
     except KeyboardInterrupt:
@@ -378,7 +378,7 @@ def run_unit_tasks(
         ready, _ = ray.wait(list(pending), num_returns=len(pending), timeout=CANCEL_SECONDS) if pending else ([], [])
         for ref in ready:
             collect(ref)
-        progress = tracker.snapshot(*ray.get(tally.totals.remote()))
+        progress = tracker.snapshot(*ray.get(tally.totals.remote()), actors=len(actors.live))
     if on_submitted:  # there was no unit to run
         on_submitted()
     return written, progress

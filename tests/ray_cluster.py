@@ -155,8 +155,8 @@ class NodeWatchingTeacher:
     and its image batches wait on cluster events:
 
     - every actor touches `events/actor-<node id>` when its model is loaded;
-    - `hold_until_nodes: N`: each image batch touches `events/waiting` and waits until actors
-      are up on N nodes (so a run's units are still to do when a node joins);
+    - `hold_until_released: true`: each image batch touches `events/waiting` and waits until
+      the test touches `events/release` (so a run's units are still to do when a node joins);
     - `hold_on_worker_nodes: true`: an image batch on a node other than the head touches
       `events/held-on-worker` and never returns (its node is killed meanwhile).
     """
@@ -174,10 +174,9 @@ class NodeWatchingTeacher:
         (self.events / f"actor-{ray.get_runtime_context().get_node_id()}").touch()
 
     def encode_image(self, views: torch.Tensor) -> torch.Tensor:
-        nodes = self.options.get("hold_until_nodes")
-        if nodes:
+        if self.options.get("hold_until_released"):
             (self.events / "waiting").touch()
-            wait_for(lambda: len(list(self.events.glob("actor-*"))) >= nodes, f"actors on {nodes} nodes")
+            wait_for((self.events / "release").exists, "the test's release")
         if self.options.get("hold_on_worker_nodes") and not _on_head_node():
             (self.events / "held-on-worker").touch()
             wait_for(lambda: False, "this node to be killed")

@@ -2,9 +2,9 @@
 (tests/ray_cluster.py: `ray start` head and nodes on this machine, each declaring 2 CPUs and
 one GPU, so that each holds one model actor, as a GPU machine does; the models run on the CPU).
 
-- A run starts on the head alone, with its units held at their first batch until actors are
-  up on two nodes; a second node joins then: the run adds an actor there, and units are
-  written on both nodes.
+- A run starts on the head alone, with its units held at their first batch; a second node
+  joins then, and once the run's progress line counts 2 model actors the units go on: the
+  run gave the new actor units, and units are written on both nodes.
 - A run on two nodes whose worker node's raylet is SIGKILLed while that node holds units in
   flight: the run completes on the head, every unit committed once, and the dataset equals
   the uninterrupted run's.
@@ -13,6 +13,7 @@ the tiny open_clip teacher wrapped to wait on those events (NodeWatchingTeacher)
 
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -62,11 +63,26 @@ def grown_run(shards, small_job_dict, tmp_path_factory):
     root = tmp_path_factory.mktemp("grown")
     cluster = LocalCluster(cpus=2, gpus=1).start_head()
     try:
-        run = _start_run(cluster, root, shards, small_job_dict, hold_until_nodes=2)
+        run = _start_run(cluster, root, shards, small_job_dict, hold_until_released=True)
+        lines: list[str] = []
+        two_actors = threading.Event()
+
+        def read_progress() -> None:  # the progress lines (a pipe: one each time the actor count changes)
+            for line in run.stdout:
+                lines.append(line)
+                if "2 model actors" in line:
+                    two_actors.set()
+
+        reader = threading.Thread(target=read_progress, daemon=True)
+        reader.start()
         wait_for(lambda: (root / "events" / "waiting").exists() or run.poll() is not None, "the first batch")
         assert run.poll() is None, run.communicate()
         cluster.add_node()
-        return (*_finish(run), root / "out")
+        wait_for(lambda: two_actors.is_set() or run.poll() is not None, "a second model actor in the run")
+        (root / "events" / "release").touch()
+        run.wait(timeout=EVENT_TIMEOUT)
+        reader.join(EVENT_TIMEOUT)
+        return run.returncode, "".join(lines), run.stderr.read(), root / "out"
     finally:
         cluster.stop()
 
