@@ -139,7 +139,13 @@ class ModelActors:
         return min(self.live, key=lambda a: a.units) if self.live else None
 
     def close(self) -> None:
-        """Withdraw the autoscaler request (actors end with the driver's Ray session)."""
+        """The run is over: stop every actor now (a Ray session that outlives the run, a notebook's
+        or a test module's, would otherwise keep their CPUs and GPUs) and withdraw the autoscaler
+        request."""
+        for handle in [actor.handle for actor in self.live] + list(self.starting.values()):
+            ray.kill(handle, no_restart=True)
+        self.live.clear()
+        self.starting.clear()
         span = self.job.resources.actor_range
         if span.max > span.min:
             request_resources(bundles=[])
