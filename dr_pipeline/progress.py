@@ -191,7 +191,7 @@ class ProgressDisplay:
     def line(progress: RunProgress) -> str:
         return (f"{progress.samples} samples, {progress.samples_per_second:.1f} samples/s, "
                 f"{progress.failures} failures, ETA {_duration(progress.eta_seconds)}"
-                + (f", {progress.actors} model actors" if progress.actors else ""))
+                + (f", {progress.actors} model actor{'s' if progress.actors > 1 else ''}" if progress.actors else ""))
 
     def update(self, progress: RunProgress) -> None:
         completed = progress.units_skipped + progress.units_done

@@ -16,7 +16,8 @@ REPOSITORY = Path(__file__).resolve().parent.parent
 QUICKSTART = REPOSITORY / "jobs" / "quickstart.yaml"
 # every line a run may print: progress (pipe mode), this run, the whole dataset, the log's path
 OUR_LINES = [
-    re.compile(r"^quickstart: \d+/\d+ units, \d+ samples, [\d.]+ samples/s, \d+ failures, ETA \S+$"),
+    re.compile(r"^quickstart: \d+/\d+ units, \d+ samples, [\d.]+ samples/s, \d+ failures, ETA \S+"
+               r"(, \d+ model actors?)?$"),
     re.compile(r"^this run: \d+ units written, \d+ already committed, \d+ samples, \d+ failures in [\d.]+s "
                r"\([\d.]+s starting models\)$"),
     re.compile(r"^dataset \S+: \d+/\d+ units, \d+ input samples, \d+ samples, \d+ failures( \(.*\))?, complete$"),
