@@ -199,13 +199,15 @@ class Location:
     def remove_stale_temps(self, *parts: str) -> None:
         """Delete temp files a killed writer of this target left behind."""
         folder, name = posixpath.split(posixpath.join(*parts))
-        for leftover in self.glob(posixpath.join(folder, f".{name}.{'?' * _TEMP_TAG_LENGTH}.tmp")):
-            retrying(lambda: self.fs.rm(leftover))
+        self._remove_temps(folder, name)
 
     def remove_temps_in(self, folder: str = "") -> None:
         """Delete every temp file a killed writer left in `folder` (only safe for the holder of
         the output's lease: a live writer's temp files look the same)."""
-        for leftover in self.glob(posixpath.join(folder, f".*.{'?' * _TEMP_TAG_LENGTH}.tmp")):
+        self._remove_temps(folder, "*")
+
+    def _remove_temps(self, folder: str, name_pattern: str) -> None:
+        for leftover in self.glob(posixpath.join(folder, f".{name_pattern}.{'?' * _TEMP_TAG_LENGTH}.tmp")):
             retrying(lambda: self.fs.rm(leftover))
 
     @contextlib.contextmanager
