@@ -22,7 +22,7 @@ demo: setup
 	$(BIN)/dr-gen run jobs/quickstart.yaml
 	$(BIN)/dr-gen inspect out/quickstart
 
-# Headless Chromium renders the HTML report in tests/test_report_html.py. Installed from Debian
+# Headless Chromium renders the HTML report in tests/tools/test_report_html.py. Installed from Debian
 # packages when missing and apt-get can run; without it that test is skipped, saying why.
 browser:
 	@if command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 \

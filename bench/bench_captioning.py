@@ -3,7 +3,7 @@
 Builds a captioner from a spec (default: the tiny random-weight open_clip CoCa, no download),
 decodes the same images and seeds with both decoders and prints captions/s and tokens/s of
 each, the speedup, and how many captions are identical (all of them, or the bench says so).
-"Before" is the frozen copy of the old decoder in tests/captioning_reference.py (a full
+"Before" is the frozen copy of the old decoder in tests/teachers/captioning_reference.py (a full
 vocabulary sort per step for top_p, a [rows, V] stack of fresh draws per step, one cache
 tensor per layer copied when rows finish); "after" is the captioner's own generate. For `hf:`
 captioners both run transformers' generate, with the old and the new sampler.
@@ -29,9 +29,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from dr_pipeline.config import CaptionerConfig, SamplerConfig  # noqa: E402
+from dr_pipeline.core.config import CaptionerConfig, SamplerConfig  # noqa: E402
 from teachers import build_captioner  # noqa: E402
-from tests import captioning_reference as before  # noqa: E402
+from tests.teachers import captioning_reference as before  # noqa: E402
 
 
 @contextlib.contextmanager

@@ -33,11 +33,11 @@ from typing import Any, Callable, Iterator
 import ray
 from fsspec.implementations.memory import MemoryFileSystem
 
-from dr_pipeline import runner
-from dr_pipeline.config import JobConfig, parse_job
-from dr_pipeline.manifest import StatsSum, committed_unit_ids, iter_unit_stats, manifest_head, write_manifest
-from dr_pipeline.plan import Unit, make_plan, read_plan, write_plan
-from dr_pipeline.storage import Location
+from dr_pipeline.execution import runner
+from dr_pipeline.core.config import JobConfig, parse_job
+from dr_pipeline.dataset.manifest import StatsSum, committed_unit_ids, iter_unit_stats, manifest_head, write_manifest
+from dr_pipeline.dataset.plan import Unit, make_plan, read_plan, write_plan
+from dr_pipeline.core.storage import Location
 
 CARDS = {
     "teachers": [{"embedding_dim": 768, "has_image": True, "has_text": True, "normalized": True}] * 2,

@@ -1,4 +1,4 @@
-"""Fidelity of our view renderers against the reference trainers run (dr_pipeline/fidelity.py).
+"""Fidelity of our view renderers against the reference trainers run (dr_pipeline/views/fidelity.py).
 
 (image, view) pairs: the DataCompDR-12M job's sampler (K views per image) over the bundled
 photographs and synthetic hard cases (flat greys, pure colours, gradients, tiny, very wide and
@@ -24,11 +24,11 @@ import numpy as np
 import torch
 import yaml
 
-from dr_pipeline.augment import RAND_AUGMENT_OPS, ViewParams, render_views, render_views_tensor, sample_views
-from dr_pipeline.config import AugmentationConfig
-from dr_pipeline.decode import ImageRejected, decode_image
-from dr_pipeline.fidelity import reference_view, to_picture, view_difference
-from dr_pipeline.sample_data import sample_records
+from dr_pipeline.views.augment import RAND_AUGMENT_OPS, ViewParams, render_views, render_views_tensor, sample_views
+from dr_pipeline.core.config import AugmentationConfig
+from dr_pipeline.views.decode import ImageRejected, decode_image
+from dr_pipeline.views.fidelity import reference_view, to_picture, view_difference
+from dr_pipeline.tools.sample_data import sample_records
 
 MEAN_ABS_GOAL = 0.5
 P99_MAX_GOAL = 2

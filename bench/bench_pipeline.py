@@ -15,7 +15,7 @@ One run prints:
 - the stage seconds the pipeline's units recorded (summed over units: stages overlap);
 - bare teacher forward samples/s on the same views and the ratio end-to-end / bare;
 - teacher-forward FLOPs per sample from the architectures (teachers/flops.py) and the model
-  FLOPs utilisation against the device's peak (GPU table of dr_pipeline/estimate.py, detected
+  FLOPs utilisation against the device's peak (GPU table of dr_pipeline/tools/estimate.py, detected
   from the device name, or --gpu / --peak-tflops);
 - peak resident memory (VmHWM) of the driver, the model actor and the CPU workers, and the
   peak GPU memory of the bare forward.
@@ -40,17 +40,17 @@ from pathlib import Path
 import ray
 import torch
 
-from dr_pipeline.config import JobConfig, load_job, parse_job
-from dr_pipeline.estimate import GPU_PEAK_TFLOPS, gpu_name_of_device, teacher_work
-from dr_pipeline.manifest import read_manifest
-from dr_pipeline.model_worker import ModelWorker, model_threads
-from dr_pipeline.plan import make_plan
-from dr_pipeline.prepare import caption_input_sizes, prepare_unit
-from dr_pipeline.runner import layout_for, run_job
-from dr_pipeline.sample_data import write_sample_data
-from dr_pipeline.storage import Location
-from dr_pipeline.timing import StageClock
-from dr_pipeline.writers import open_unit_writer, unit_columns
+from dr_pipeline.core.config import JobConfig, load_job, parse_job
+from dr_pipeline.tools.estimate import GPU_PEAK_TFLOPS, gpu_name_of_device, teacher_work
+from dr_pipeline.dataset.manifest import read_manifest
+from dr_pipeline.generate.model_worker import ModelWorker, model_threads
+from dr_pipeline.dataset.plan import make_plan
+from dr_pipeline.generate.prepare import caption_input_sizes, prepare_unit
+from dr_pipeline.execution.runner import layout_for, run_job
+from dr_pipeline.tools.sample_data import write_sample_data
+from dr_pipeline.core.storage import Location
+from dr_pipeline.core.timing import StageClock
+from dr_pipeline.dataset.writers import open_unit_writer, unit_columns
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -176,7 +176,7 @@ def process_start_seconds(job: JobConfig) -> float:
     """Wall seconds of a fresh Python process that imports what a model actor imports and
     resolves the job's teacher kinds: the start-up every Ray worker process pays once."""
     specs = [t.spec for t in job.teachers] + [c.spec for c in job.captioners]
-    script = ("import dr_pipeline.model_worker, dr_pipeline.runner; from teachers import check_spec; "
+    script = ("import dr_pipeline.generate.model_worker, dr_pipeline.execution.runner; from teachers import check_spec; "
               f"[check_spec(spec, 'teacher') for spec in {specs[:len(job.teachers)]!r}]")
     started = time.perf_counter()
     subprocess.run([sys.executable, "-c", script], check=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})

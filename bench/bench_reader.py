@@ -48,15 +48,15 @@ from torch.utils.data import default_collate
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.autoaugment import _apply_op
 
-from dr_pipeline.augment import RAND_AUGMENT_OPS
-from dr_pipeline.config import parse_job
-from dr_pipeline.export import export_datacompdr
-from dr_pipeline.reader import ROWS_PER_BATCH, ReinforcedDataset, file_batches, open_dataset
-from dr_pipeline.replay import unit_rows_with_images
-from dr_pipeline.runner import run_job
-from dr_pipeline.sample_data import write_sample_data
-from dr_pipeline.torch_dataset import ReinforcedTorchDataset
-from dr_pipeline.writers import ROW_GROUP_ROWS, dictionary_columns
+from dr_pipeline.views.augment import RAND_AUGMENT_OPS
+from dr_pipeline.core.config import parse_job
+from dr_pipeline.tools.export import export_datacompdr
+from dr_pipeline.read.reader import ROWS_PER_BATCH, ReinforcedDataset, file_batches, open_dataset
+from dr_pipeline.read.replay import unit_rows_with_images
+from dr_pipeline.execution.runner import run_job
+from dr_pipeline.tools.sample_data import write_sample_data
+from dr_pipeline.read.torch_dataset import ReinforcedTorchDataset
+from dr_pipeline.dataset.writers import ROW_GROUP_ROWS, dictionary_columns
 
 ROOT = Path(__file__).resolve().parent.parent
 

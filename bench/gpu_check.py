@@ -50,14 +50,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench_pipeline import device_peak, run_pipeline, teacher_flops_per_sample  # noqa: E402
 
-from dr_pipeline.config import JobConfig, load_job, parse_job  # noqa: E402
-from dr_pipeline.estimate import GPU_PEAK_TFLOPS  # noqa: E402
-from dr_pipeline.accelerator import views_to_device  # noqa: E402
-from dr_pipeline.augment import sample_views  # noqa: E402
-from dr_pipeline.decode import decode_image  # noqa: E402
-from dr_pipeline.model_worker import ModelWorker, caption_seeds, model_threads  # noqa: E402
-from dr_pipeline.prepare import caption_input_sizes, render_model_inputs  # noqa: E402
-from dr_pipeline.sample_data import SampleRecord, write_tar_shards  # noqa: E402
+from dr_pipeline.core.config import JobConfig, load_job, parse_job  # noqa: E402
+from dr_pipeline.tools.estimate import GPU_PEAK_TFLOPS  # noqa: E402
+from dr_pipeline.core.accelerator import views_to_device  # noqa: E402
+from dr_pipeline.views.augment import sample_views  # noqa: E402
+from dr_pipeline.views.decode import decode_image  # noqa: E402
+from dr_pipeline.generate.model_worker import ModelWorker, caption_seeds, model_threads  # noqa: E402
+from dr_pipeline.generate.prepare import caption_input_sizes, render_model_inputs  # noqa: E402
+from dr_pipeline.tools.sample_data import SampleRecord, write_tar_shards  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPE = ROOT / "jobs" / "datacompdr-12m.yaml"

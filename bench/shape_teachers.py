@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dr_pipeline.config import TeacherConfig
+from dr_pipeline.core.config import TeacherConfig
 from teachers import TeacherCard
 from teachers.base import VIEW_RESIZE
 

@@ -10,7 +10,7 @@ except PackageNotFoundError:  # running from a source tree that was never instal
     __version__ = "0.0.0+source"
 
 # Imported on first use: they pull in torch and pyarrow, which `dr-gen --help` does not need.
-_LAZY = {"open_dataset": "dr_pipeline.reader", "ReinforcedTorchDataset": "dr_pipeline.torch_dataset"}
+_LAZY = {"open_dataset": "dr_pipeline.read.reader", "ReinforcedTorchDataset": "dr_pipeline.read.torch_dataset"}
 __all__ = ["__version__", *_LAZY]
 
 

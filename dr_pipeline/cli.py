@@ -14,8 +14,8 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
-from dr_pipeline.errors import ConfigError, DatasetError, DrGenError
-from dr_pipeline.run_log import library_output_to_log
+from dr_pipeline.core.errors import ConfigError, DatasetError, DrGenError
+from dr_pipeline.tools.run_log import library_output_to_log
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Generate and inspect reinforced datasets.")
 console = Console()
@@ -69,7 +69,7 @@ def _storage_options(given: str | None) -> dict[str, Any]:
 
 
 def _quiet(command: str, always_announce: bool = False):
-    """Library output of `command` to its log file (dr_pipeline.run_log)."""
+    """Library output of `command` to its log file (dr_pipeline.tools.run_log)."""
     return library_output_to_log(command, [console, errors], errors, always_announce)
 
 
@@ -94,7 +94,7 @@ def run(
     storage_options: Optional[str] = typer.Option(None, "--storage-options", metavar="JSON|@FILE", help=_STORAGE_OPTIONS_HELP),
 ) -> None:
     """Reinforce a dataset: plan, run teachers and captioners on Ray, write shards and dataset.json."""
-    from dr_pipeline.config import load_job, with_storage_options
+    from dr_pipeline.core.config import load_job, with_storage_options
 
     if extend is not None and (output_url is not None or overwrite):
         _print_error("--extend OUT names the output: drop --output and --overwrite")
@@ -104,9 +104,9 @@ def run(
         load_job(job_file, input_urls=_input_override(input_urls), output_url=output), _storage_options(storage_options)))
     with _quiet(job.name, always_announce=True):  # the log line comes last
         # torch and Ray are imported only once the job file is known good, their messages into the log
-        from dr_pipeline.extend import extend_dataset
-        from dr_pipeline.progress import ProgressDisplay
-        from dr_pipeline.runner import run_job
+        from dr_pipeline.execution.extend import extend_dataset
+        from dr_pipeline.execution.progress import ProgressDisplay
+        from dr_pipeline.execution.runner import run_job
 
         try:
             with ProgressDisplay(console, job.name) as display:
@@ -151,7 +151,7 @@ def _report_run_problems(summary: Any) -> None:
 
 def _dataset_line(url: str, storage_options: dict[str, Any]) -> str:
     """The whole dataset as its manifest now counts it (every run, every --extend), beside this run's line."""
-    from dr_pipeline.storage import Location
+    from dr_pipeline.core.storage import Location
 
     try:
         manifest = Location.from_url(url, storage_options).read_json("dataset.json")
@@ -183,8 +183,8 @@ def plan(
     storage_options: Optional[str] = typer.Option(None, "--storage-options", metavar="JSON|@FILE", help=_STORAGE_OPTIONS_HELP),
 ) -> None:
     """Estimate a job before running it: shards, samples, views, forward passes, caption tokens, FLOPs, GPU-hours, bytes."""
-    from dr_pipeline.config import load_job, with_storage_options
-    from dr_pipeline.estimate import plan_job, print_plan
+    from dr_pipeline.core.config import load_job, with_storage_options
+    from dr_pipeline.tools.estimate import plan_job, print_plan
 
     if price_per_hour is not None and calibrate_samples is None:
         errors.print("[red]error:[/red] --price-per-hour prices a measured rate: add --calibrate N", highlight=False)
@@ -195,7 +195,7 @@ def plan(
     estimate = _guarded(lambda: plan_job(job, **{name: value for name, value in given.items() if value is not None}))
     calibration = None
     if calibrate_samples is not None:
-        from dr_pipeline.calibrate import calibrate, calibration_lines
+        from dr_pipeline.tools.calibrate import calibrate, calibration_lines
 
         calibration = _guarded(lambda: calibrate(job, calibrate_samples, estimate.input.samples, estimate.gpu_hours,
                                                  price_per_hour))
@@ -219,13 +219,13 @@ def inspect(
     storage_options: Optional[str] = typer.Option(None, "--storage-options", metavar="JSON|@FILE", help=_STORAGE_OPTIONS_HELP),
 ) -> None:
     """Summarise a dataset: schema, teachers, captioners, counts, failures, one sample."""
-    from dr_pipeline.reader import open_dataset
-    from dr_pipeline.summary import dataset_summary, first_sample, print_summary
+    from dr_pipeline.read.reader import open_dataset
+    from dr_pipeline.tools.summary import dataset_summary, first_sample, print_summary
 
     def summarise() -> tuple[dict[str, Any], dict[str, Any] | None]:
         dataset = open_dataset(dataset_url, _storage_options(storage_options))
         if html_report:
-            from dr_pipeline.report_html import render_report
+            from dr_pipeline.tools.report_html import render_report
 
             with fsspec.open(html_report, "w", encoding="utf-8") as page:
                 page.write(render_report(dataset, report_rows))
@@ -250,8 +250,8 @@ def show(
     storage_options: Optional[str] = typer.Option(None, "--storage-options", metavar="JSON|@FILE", help=_STORAGE_OPTIONS_HELP),
 ) -> None:
     """Draw one sample: the original, its K replayed views, captions, and per teacher each view's cosine with the real caption."""
-    from dr_pipeline.reader import open_dataset
-    from dr_pipeline.show import show_sample
+    from dr_pipeline.read.reader import open_dataset
+    from dr_pipeline.tools.show import show_sample
 
     with _quiet("show"):
         shown = _guarded(
@@ -284,7 +284,7 @@ def validate(
     storage_options: Optional[str] = typer.Option(None, "--storage-options", metavar="JSON|@FILE", help=_STORAGE_OPTIONS_HELP),
 ) -> None:
     """Check every unit against the schema and the manifest; exit 1 with one line per problem."""
-    from dr_pipeline.validate import validate_dataset
+    from dr_pipeline.tools.validate import validate_dataset
 
     report = validate_dataset(dataset_url, _guarded(lambda: _storage_options(storage_options)), workers=workers)
     for problem in report.problems:
@@ -306,8 +306,8 @@ def verify(
 ) -> None:
     """Recompute every teacher's embeddings of the replayed views and captions of N samples; compare cosines;
     compare the replayed views' pixels with views rendered from freshly sampled parameters."""
-    from dr_pipeline.reader import open_dataset
-    from dr_pipeline.verify import verify_dataset
+    from dr_pipeline.read.reader import open_dataset
+    from dr_pipeline.tools.verify import verify_dataset
 
     with _quiet("verify"):
         keys, checks, replay = _guarded(
@@ -362,8 +362,8 @@ def export(
     storage_options: Optional[str] = typer.Option(None, "--storage-options", metavar="JSON|@FILE", help=_STORAGE_OPTIONS_HELP),
 ) -> None:
     """Write a dataset in another training layout: datacompdr = Apple's DataCompDR tars + config.json."""
-    from dr_pipeline.export import export_datacompdr
-    from dr_pipeline.reader import open_dataset
+    from dr_pipeline.tools.export import export_datacompdr
+    from dr_pipeline.read.reader import open_dataset
 
     def write() -> Any:
         options = _storage_options(storage_options)
@@ -410,7 +410,7 @@ def sample_data(
     shards: int = typer.Option(3, "--shards", min=1, help="number of tar shards"),
 ) -> None:
     """Write the bundled sample image-text shards (real photographs from scikit-image)."""
-    from dr_pipeline.sample_data import write_sample_data
+    from dr_pipeline.tools.sample_data import write_sample_data
 
     def write() -> list[str]:
         try:

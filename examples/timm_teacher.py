@@ -17,8 +17,8 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from dr_pipeline.config import TeacherConfig
-from dr_pipeline.errors import ConfigError
+from dr_pipeline.core.config import TeacherConfig
+from dr_pipeline.core.errors import ConfigError
 from teachers import TeacherCard
 from teachers.base import VIEW_RESIZE, pixels_for_model, precision_context, resolve_precision, seeded_init
 

@@ -38,7 +38,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 import teachers
-from dr_pipeline.torch_dataset import ReinforcedTorchDataset
+from dr_pipeline.read.torch_dataset import ReinforcedTorchDataset
 
 STUDENT_CONFIG = "dr-tiny-vit-32"
 open_clip.add_model_config(Path(teachers.__file__).parent / "model_configs")

@@ -16,9 +16,9 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F
 
-from dr_pipeline.accelerator import Acceleration
-from dr_pipeline.config import CaptionPostprocessConfig, SamplerConfig
-from dr_pipeline.seeding import derive_seed
+from dr_pipeline.core.accelerator import Acceleration
+from dr_pipeline.core.config import CaptionPostprocessConfig, SamplerConfig
+from dr_pipeline.core.seeding import derive_seed
 from teachers.sampling import postprocess_caption
 
 VIEW_RESIZE = "bicubic"

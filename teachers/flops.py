@@ -19,7 +19,7 @@ Norms, softmax, activations and biases are left out (under 1% at CLIP sizes).
   projections 2·2·W², attention 4·N·W, its MLP 2·2·W·H), and the vocabulary
   projection 2·W·V. The image tokens' cross-attention keys and values,
   2·N·2·W² per decoder layer, are projected once per image.
-tests/test_plan.py checks these against torch's FLOP counter on real modules.
+tests/tools/test_plan.py checks these against torch's FLOP counter on real modules.
 """
 
 from __future__ import annotations

@@ -39,8 +39,8 @@ from transformers import (
     ProcessorMixin,
 )
 
-from dr_pipeline.config import CaptionerConfig, SamplerConfig, TeacherConfig
-from dr_pipeline.errors import ConfigError
+from dr_pipeline.core.config import CaptionerConfig, SamplerConfig, TeacherConfig
+from dr_pipeline.core.errors import ConfigError
 from teachers.base import (
     VIEW_RESIZE,
     CaptionerCard,

@@ -24,8 +24,8 @@ import torch
 from open_clip.transformer import MultimodalTransformer
 from torch import nn
 
-from dr_pipeline.config import CaptionerConfig, SamplerConfig, TeacherConfig
-from dr_pipeline.errors import ConfigError
+from dr_pipeline.core.config import CaptionerConfig, SamplerConfig, TeacherConfig
+from dr_pipeline.core.errors import ConfigError
 from teachers.base import (
     VIEW_RESIZE,
     CaptionerCard,

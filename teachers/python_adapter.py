@@ -17,8 +17,8 @@ from typing import Any
 
 import torch
 
-from dr_pipeline.config import CaptionerConfig, TeacherConfig
-from dr_pipeline.errors import ConfigError
+from dr_pipeline.core.config import CaptionerConfig, TeacherConfig
+from dr_pipeline.core.errors import ConfigError
 from teachers.base import Captioner, CaptionerCard, Teacher, TeacherCard
 from teachers.registry import Role, TeacherKind, register_kind
 

@@ -14,8 +14,8 @@ from typing import Any, Callable, Literal, Mapping
 
 import torch
 
-from dr_pipeline.config import CaptionerConfig, TeacherConfig
-from dr_pipeline.errors import ConfigError
+from dr_pipeline.core.config import CaptionerConfig, TeacherConfig
+from dr_pipeline.core.errors import ConfigError
 from teachers.base import Captioner, Teacher
 from teachers.flops import ModelCost
 

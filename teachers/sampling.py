@@ -31,7 +31,7 @@ from typing import Protocol
 
 import torch
 
-from dr_pipeline.config import CaptionPostprocessConfig, SamplerConfig
+from dr_pipeline.core.config import CaptionPostprocessConfig, SamplerConfig
 
 NUCLEUS_CANDIDATES = 8
 """Best perturbed tokens tested for nucleus membership before a row falls back to the sort."""

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from dr_pipeline.config import TeacherConfig
-from dr_pipeline.errors import ConfigError
+from dr_pipeline.core.config import TeacherConfig
+from dr_pipeline.core.errors import ConfigError
 from teachers.base import VIEW_RESIZE, TeacherCard, error_line, precision_context, resolve_precision
 from teachers.registry import Role, TeacherKind, register_kind
 from teachers.weights import model_location_problem

@@ -24,8 +24,8 @@ from urllib.parse import urlsplit
 import fsspec
 from fsspec.core import url_to_fs
 
-from dr_pipeline.errors import ConfigError
-from dr_pipeline.storage import redact_url
+from dr_pipeline.core.errors import ConfigError
+from dr_pipeline.core.storage import redact_url
 from teachers.base import error_line
 
 HF_HUB = "hf-hub:"

@@ -19,7 +19,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 @pytest.fixture(scope="session")
 def sample_shards(tmp_path_factory):
     """The quickstart sample data: 3 webdataset tars of real photographs (one corrupt, one uncaptioned)."""
-    from dr_pipeline.sample_data import write_sample_data
+    from dr_pipeline.tools.sample_data import write_sample_data
 
     cache = os.environ.get("DR_GEN_TEST_DATASETS")
     folder = Path(cache) / "sample_data" if cache else tmp_path_factory.mktemp("sample_data")
@@ -85,10 +85,10 @@ def reinforced(sample_shards, small_job_dict, tmp_path_factory):
 
     import ray
 
-    from dr_pipeline.config import parse_job
-    from dr_pipeline.runner import run_job
+    from dr_pipeline.core.config import parse_job
+    from dr_pipeline.execution.runner import run_job
 
-    from dr_pipeline.progress import RunProgress
+    from dr_pipeline.execution.progress import RunProgress
 
     cache = os.environ.get("DR_GEN_TEST_DATASETS")
     root = Path(cache) if cache else tmp_path_factory.mktemp("reinforced")

@@ -44,48 +44,48 @@ class Mutation:
 
 
 def _validate(name: str, old: str, new: str, test: str) -> Mutation:
-    """A mutation of dr-gen validate, caught by one test of tests/test_validate.py."""
-    return Mutation(f"validate: {name}", "dr_pipeline/validate.py", old, new, (f"tests/test_validate.py::{test}",), True)
+    """A mutation of dr-gen validate, caught by one test of tests/tools/test_validate.py."""
+    return Mutation(f"validate: {name}", "dr_pipeline/tools/validate.py", old, new, (f"tests/tools/test_validate.py::{test}",), True)
 
 
 ARROW = "test_each_check_reports_its_damage_in_arrow"
 WEBDATASET = "test_each_check_reports_its_damage_in_webdataset"
 
 MUTATIONS: tuple[Mutation, ...] = (
-    Mutation("unit task retries disabled", "dr_pipeline/runner.py",
+    Mutation("unit task retries disabled", "dr_pipeline/execution/runner.py",
              "ray.remote(num_cpus=1, max_retries=2, retry_exceptions=[OSError])",
              "ray.remote(num_cpus=1, max_retries=0, retry_exceptions=[OSError])",
              ("tests/reliability/test_faults.py::test_a_unit_task_that_fails_transiently_twice_is_retried_and_committed",)),
-    Mutation("committed units redone on resume", "dr_pipeline/runner.py",
+    Mutation("committed units redone on resume", "dr_pipeline/execution/runner.py",
              "todo = [u for u in units if u.id not in committed]", "todo = list(units)",
-             ("tests/test_pipeline.py::test_rerun_skips_committed_units_and_refuses_another_config",)),
-    Mutation("stale temp files not removed", "dr_pipeline/storage.py",
+             ("tests/execution/test_pipeline.py::test_rerun_skips_committed_units_and_refuses_another_config",)),
+    Mutation("stale temp files not removed", "dr_pipeline/core/storage.py",
              "            retrying(lambda: self.fs.rm(leftover))\n", "            pass\n",
-             ("tests/test_pipeline.py::test_killed_run_resumes_to_the_same_dataset",)),
-    Mutation("failures file written empty", "dr_pipeline/runner.py",
+             ("tests/execution/test_pipeline.py::test_killed_run_resumes_to_the_same_dataset",)),
+    Mutation("failures file written empty", "dr_pipeline/execution/runner.py",
              "out.write_bytes_atomic(failures_bytes(failures), unit.failures_file)",
              'out.write_bytes_atomic(b"", unit.failures_file)',
-             ("tests/test_pipeline.py::test_every_input_sample_is_accounted_for",)),
-    Mutation("caption seeds not per key", "dr_pipeline/model_worker.py",
+             ("tests/execution/test_pipeline.py::test_every_input_sample_is_accounted_for",)),
+    Mutation("caption seeds not per key", "dr_pipeline/generate/model_worker.py",
              'derive_seed(run_seed, key, f"caption/{captioner_id}", j)',
              'derive_seed(run_seed, "", f"caption/{captioner_id}", j)',
-             ("tests/test_seeding.py",)),
-    Mutation("re-read original not sha256-checked", "dr_pipeline/replay.py",
+             ("tests/core/test_seeding.py",)),
+    Mutation("re-read original not sha256-checked", "dr_pipeline/read/replay.py",
              'if hashlib.sha256(data).hexdigest() != row["image_sha256"]:', "if False:",
-             ("tests/reading/test_torch_dataset.py::test_changed_input_image_is_a_clear_error",)),
-    Mutation("replay resamples parameters instead of using the stored ones", "dr_pipeline/replay.py",
+             ("tests/read/test_torch_dataset.py::test_changed_input_image_is_a_clear_error",)),
+    Mutation("replay resamples parameters instead of using the stored ones", "dr_pipeline/read/replay.py",
              'return pixels, render_views(pixels, row["aug"], self.view_size, self.augmentation)',
-             "from dr_pipeline.augment import sample_views  # the tests' run seed is 7\n"
+             "from dr_pipeline.views.augment import sample_views  # the tests' run seed is 7\n"
              '        fresh = sample_views(7, row["key"], int(pixels.shape[1]), int(pixels.shape[2]), self.augmentation)\n'
              "        return pixels, render_views(pixels, fresh, self.view_size, self.augmentation)",
-             ("tests/test_verify.py::test_verify_names_the_views_whose_stored_parameters_changed",), True),
-    Mutation("verify: cosine comparison always passes", "dr_pipeline/verify.py",
+             ("tests/tools/test_verify.py::test_verify_names_the_views_whose_stored_parameters_changed",), True),
+    Mutation("verify: cosine comparison always passes", "dr_pipeline/tools/verify.py",
              "return (a * b).sum(axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))",
              "return np.ones(len(a))",
-             ("tests/test_verify.py::test_verify_fails_on_swapped_embeddings",), True),
-    Mutation("verify: pixel comparison always passes", "dr_pipeline/verify.py",
+             ("tests/tools/test_verify.py::test_verify_fails_on_swapped_embeddings",), True),
+    Mutation("verify: pixel comparison always passes", "dr_pipeline/tools/verify.py",
              "if not torch.equal(stored_views[index], fresh_views[index])]", "if False]",
-             ("tests/test_verify.py::test_verify_names_the_views_whose_stored_parameters_changed",), True),
+             ("tests/tools/test_verify.py::test_verify_names_the_views_whose_stored_parameters_changed",), True),
     _validate("status", 'if manifest["status"] != "complete":', "if False:", f"{ARROW}[status_incomplete]"),
     _validate("totals", "if recorded[name] != value:", "if False:", "test_a_wrong_count_in_the_manifest"),
     _validate("columns", 'if manifest.get("columns", expected_columns) != expected_columns:', "if False:",

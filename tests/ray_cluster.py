@@ -162,7 +162,7 @@ class NodeWatchingTeacher:
     """
 
     def __init__(self, config: Any, device: torch.device, precision: str):
-        from dr_pipeline.config import TeacherConfig
+        from dr_pipeline.core.config import TeacherConfig
         from teachers import build_teacher
 
         self.inner = build_teacher(TeacherConfig(id=config.id, spec=TINY_TEACHER), device, precision)

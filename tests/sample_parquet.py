@@ -4,7 +4,7 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from dr_pipeline.sample_data import sample_records
+from dr_pipeline.tools.sample_data import sample_records
 
 
 def write_sample_parquet(dest_file: str) -> str:

@@ -15,7 +15,7 @@ import fsspec
 import torch
 from fsspec.implementations.local import LocalFileSystem
 
-from dr_pipeline.config import TeacherConfig
+from dr_pipeline.core.config import TeacherConfig
 from teachers import build_teacher
 
 TINY_TEACHER = "open_clip:dr-tiny-vit-32"

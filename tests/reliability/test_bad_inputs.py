@@ -26,11 +26,11 @@ from typer.testing import CliRunner
 
 from dr_pipeline.cli import app
 
-from dr_pipeline.config import parse_job
-from dr_pipeline.reader import open_dataset
-from dr_pipeline.runner import run_job
-from dr_pipeline.schema import KEY_PATTERN
-from dr_pipeline.validate import validate_dataset
+from dr_pipeline.core.config import parse_job
+from dr_pipeline.read.reader import open_dataset
+from dr_pipeline.execution.runner import run_job
+from dr_pipeline.core.schema import KEY_PATTERN
+from dr_pipeline.tools.validate import validate_dataset
 from teachers import build_teacher
 
 pytestmark = pytest.mark.usefixtures("local_ray")

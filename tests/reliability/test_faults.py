@@ -22,13 +22,13 @@ import ray
 from typer.testing import CliRunner
 
 from dr_pipeline.cli import app
-from dr_pipeline.config import parse_job
-from dr_pipeline.errors import ConfigError
-from dr_pipeline.manifest import MANIFEST_FILE
-from dr_pipeline.reader import open_dataset
-from dr_pipeline.runner import plan_output, process_unit, run_job
-from dr_pipeline.validate import validate_dataset
-from dr_pipeline.verify import verify_dataset
+from dr_pipeline.core.config import parse_job
+from dr_pipeline.core.errors import ConfigError
+from dr_pipeline.dataset.manifest import MANIFEST_FILE
+from dr_pipeline.read.reader import open_dataset
+from dr_pipeline.execution.runner import plan_output, process_unit, run_job
+from dr_pipeline.tools.validate import validate_dataset
+from dr_pipeline.tools.verify import verify_dataset
 from tests.reliability.faulty import FLAKY_SPEC, TINY_TEACHER, register_faulty_filesystem
 
 SECRET = "s3cr3t-t0ken-never-written"

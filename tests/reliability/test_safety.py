@@ -15,9 +15,9 @@ import torch
 from typer.testing import CliRunner
 
 from dr_pipeline.cli import app
-from dr_pipeline.config import TeacherConfig, parse_job
-from dr_pipeline.errors import ConfigError
-from dr_pipeline.reader import open_dataset
+from dr_pipeline.core.config import TeacherConfig, parse_job
+from dr_pipeline.core.errors import ConfigError
+from dr_pipeline.read.reader import open_dataset
 from teachers import build_teacher
 from tests.reliability.test_bad_inputs import CASES
 

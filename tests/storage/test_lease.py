@@ -14,9 +14,9 @@ import pytest
 from typer.testing import CliRunner
 
 from dr_pipeline.cli import app
-from dr_pipeline.errors import ConfigError
-from dr_pipeline.lease import LEASE_FILE, OutputLease
-from dr_pipeline.storage import Location
+from dr_pipeline.core.errors import ConfigError
+from dr_pipeline.execution.lease import LEASE_FILE, OutputLease
+from dr_pipeline.core.storage import Location
 from tests.storage.conftest import SECRET, s3_upload
 
 WAIT_SECONDS = 300

@@ -7,8 +7,8 @@ import errno
 import pytest
 from botocore.exceptions import ConnectionClosedError, ReadTimeoutError
 
-from dr_pipeline import storage
-from dr_pipeline.storage import STORAGE_ATTEMPTS, RetryingReader, retrying, storage_retries
+from dr_pipeline.core import storage
+from dr_pipeline.core.storage import STORAGE_ATTEMPTS, RetryingReader, retrying, storage_retries
 
 TRANSIENT = {
     "connection reset": ConnectionResetError(errno.ECONNRESET, "Connection reset by peer"),

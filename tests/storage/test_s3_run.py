@@ -13,14 +13,14 @@ import pytest
 from typer.testing import CliRunner
 
 from dr_pipeline.cli import app
-from dr_pipeline.config import parse_job
-from dr_pipeline.manifest import committed_unit_ids
-from dr_pipeline.plan import make_plan
-from dr_pipeline.reader import open_dataset
-from dr_pipeline.runner import run_job
-from dr_pipeline.storage import Location
-from dr_pipeline.torch_dataset import ReinforcedTorchDataset
-from dr_pipeline.validate import validate_dataset
+from dr_pipeline.core.config import parse_job
+from dr_pipeline.dataset.manifest import committed_unit_ids
+from dr_pipeline.dataset.plan import make_plan
+from dr_pipeline.read.reader import open_dataset
+from dr_pipeline.execution.runner import run_job
+from dr_pipeline.core.storage import Location
+from dr_pipeline.read.torch_dataset import ReinforcedTorchDataset
+from dr_pipeline.tools.validate import validate_dataset
 from tests.storage.conftest import SECRET, FaultyProxy, s3_upload
 
 pytestmark = pytest.mark.usefixtures("local_ray")

@@ -1,0 +1,1 @@
+"""The output dataset on storage: formats, units and plan, manifest, sidecars."""

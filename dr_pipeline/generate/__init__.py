@@ -1,0 +1,1 @@
+"""The generation stages a unit passes through: CPU preparation, then the model worker."""

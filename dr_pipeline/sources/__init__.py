@@ -1,0 +1,1 @@
+"""Input formats: listing raw image-text shards and streaming their samples."""

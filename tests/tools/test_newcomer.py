@@ -1,0 +1,142 @@
+"""A newcomer's first commands, as real processes with their output in pipes: the quickstart run
+prints only dr-gen's own lines (library messages go to the log file it names once), no ANSI
+codes; `inspect` and `validate` never import torch, Ray or transformers; the quickstart's output
+exports with the README's own command."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPOSITORY = Path(__file__).resolve().parents[2]
+QUICKSTART = REPOSITORY / "jobs" / "quickstart.yaml"
+# every line a run may print: progress (pipe mode), this run, the whole dataset, the log's path
+OUR_LINES = [
+    re.compile(r"^quickstart: \d+/\d+ units, \d+ samples, [\d.]+ samples/s, \d+ failures, ETA \S+"
+               r"(, \d+ model actors?)?$"),
+    re.compile(r"^this run: \d+ units written, \d+ already committed, \d+ samples, \d+ failures in [\d.]+s "
+               r"\([\d.]+s starting models\)$"),
+    re.compile(r"^dataset \S+: \d+/\d+ units, \d+ input samples, \d+ samples, \d+ failures( \(.*\))?, complete$"),
+    re.compile(r"^log: \S+\.log$"),
+]
+
+
+def _cli(args, tmp_path, *extra):
+    env = {**os.environ, "PYTHONPATH": str(REPOSITORY), "DR_GEN_LOG_DIR": str(tmp_path / "logs"),
+           "RAY_USAGE_STATS_ENABLED": "0", "TERM": "xterm-256color"}
+    env.pop("RAY_ADDRESS", None)
+    return subprocess.run([sys.executable, *extra, "-m", "dr_pipeline.cli", *args], capture_output=True, text=True,
+                          env=env, cwd=tmp_path, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def quickstart_run(sample_shards, tmp_path_factory):
+    """`dr-gen run jobs/quickstart.yaml` on the sample shards, stdout and stderr piped."""
+    root = tmp_path_factory.mktemp("newcomer")
+    run = _cli(["run", str(QUICKSTART), "--input", str(Path(sample_shards[0]).parent / "{00000..00002}.tar"),
+                "--output", str(root / "out")], root)
+    return run, root
+
+
+def test_quickstart_prints_only_our_lines_and_names_its_log_once(quickstart_run):
+    run, root = quickstart_run
+    assert run.returncode == 0, run.stderr
+    printed = run.stdout.splitlines() + run.stderr.splitlines()
+    assert "\x1b" not in run.stdout + run.stderr
+    strangers = [line for line in printed if not any(pattern.match(line) for pattern in OUR_LINES)]
+    assert strangers == []
+    assert any(line.startswith("this run: 3 units written") for line in printed)
+    assert any(line.startswith("dataset ") and "20 input samples, 18 samples, 2 failures" in line for line in printed)
+    (log_line,) = [line for line in printed if line.startswith("log: ")]
+    log = Path(log_line.removeprefix("log: "))
+    assert log.parent == root / "logs"
+    # what used to reach the screen is in the log: Ray's start-up and the models' messages
+    assert "No pretrained weights loaded" in log.read_text(errors="replace")
+
+
+def test_a_resume_summarises_the_whole_dataset_beside_this_run(quickstart_run, sample_shards):
+    _, root = quickstart_run
+    rerun = _cli(["run", str(QUICKSTART), "--input", str(Path(sample_shards[0]).parent / "{00000..00002}.tar"),
+                  "--output", str(root / "out")], root)
+    assert rerun.returncode == 0, rerun.stderr
+    assert "this run: 0 units written, 3 already committed, 0 samples, 0 failures" in rerun.stdout
+    assert "3/3 units, 20 input samples, 18 samples, 2 failures (empty_text 1, undecodable_image 1)" in rerun.stdout
+
+
+@pytest.mark.parametrize("command", ["inspect", "validate"])
+def test_inspect_and_validate_never_import_torch_ray_or_transformers(quickstart_run, command):
+    _, root = quickstart_run
+    done = _cli([command, str(root / "out")], root, "-X", "importtime")
+    assert done.returncode == 0, done.stderr
+    imported = {line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines() if line.startswith("import time:")}
+    assert imported and not {"torch", "ray", "transformers", "torchvision", "open_clip"} & imported
+    assert "intact: 3 units, 18 samples" in done.stdout if command == "validate" else "One sample" in done.stdout
+
+
+def test_the_quickstart_output_exports_with_the_readme_command(quickstart_run):
+    """README: `dr-gen export out/quickstart out/quickstart-datacompdr --format datacompdr`."""
+    _, root = quickstart_run
+    readme = (REPOSITORY / "README.md").read_text()
+    assert "dr-gen export out/quickstart out/quickstart-datacompdr --format datacompdr" in readme
+    done = _cli(["export", str(root / "out"), str(root / "exported"), "--format", "datacompdr"], root)
+    assert done.returncode == 0, done.stderr
+    assert "\x1b" not in done.stdout + done.stderr
+    assert sorted(p.name for p in (root / "exported").glob("*.tar")) == ["00000.tar", "00001.tar", "00002.tar"]
+    config = json.loads((root / "exported" / "config.json").read_text())
+    assert config["num_samples"] == 8 and [t["embedding_dim"] for t in config["teachers"]] == [64, 96]
+
+
+def test_the_flips_job_is_the_quickstart_with_flips_and_erasing():
+    from dr_pipeline.core.config import load_job
+
+    plain, flips = load_job(QUICKSTART), load_job(REPOSITORY / "jobs" / "quickstart-flips.yaml")
+    assert (plain.augmentation.horizontal_flip.p, plain.augmentation.random_erasing.p) == (0.0, 0.0)
+    assert (flips.augmentation.horizontal_flip.p, flips.augmentation.random_erasing.p) == (0.5, 0.25)
+    assert plain.augmentation.rand_augment == flips.augmentation.rand_augment
+    assert plain.teachers == flips.teachers and plain.captioners == flips.captioners
+
+
+def test_package_metadata_builds_without_deprecation_warnings(tmp_path):
+    """`make setup` (pip install -e .) stays quiet: pyproject.toml's license is an SPDX string."""
+    script = "import setuptools.build_meta as b, sys; b.prepare_metadata_for_build_wheel(sys.argv[1])"
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True,
+                          cwd=REPOSITORY, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "deprecat" not in (done.stdout + done.stderr).lower()
+    (metadata,) = tmp_path.glob("*.dist-info/METADATA")
+    assert "License-Expression: Apache-2.0" in metadata.read_text()
+
+
+def test_show_draws_with_a_wide_font_and_names_the_characters_it_cannot(quickstart_run, monkeypatch):
+    from PIL import ImageFont
+
+    from dr_pipeline.tools.show import FONT_SIZE, caption_font, missing_glyphs
+
+    pillow_default = ImageFont.load_default(size=FONT_SIZE)
+    assert missing_glyphs("A cat, привет, 日本", pillow_default) == sorted(set("привет日本"))
+    assert missing_glyphs("A plain Latin caption.", pillow_default) == []
+    _, root = quickstart_run
+    done = _cli(["show", str(root / "out"), "--key", "000000000", "--out", str(root / "grid.png"), "--json"], root)
+    assert done.returncode == 0, done.stderr
+    shown = json.loads(done.stdout)
+    font, name = caption_font(FONT_SIZE)
+    assert shown["font"] == name
+    assert shown["missing_glyphs"] == missing_glyphs("".join(c["text"] for c in shown["captions"]), font)
+    monkeypatch.setenv("DR_GEN_FONT", "/nonexistent/font.ttf")  # ignored: the next candidate is used
+    assert caption_font(FONT_SIZE)[1] == name
+
+
+def test_verify_prints_whole_teacher_ids_at_80_columns(quickstart_run):
+    _, root = quickstart_run
+    done = subprocess.run([sys.executable, "-m", "dr_pipeline.cli", "verify", str(root / "out"), "--samples", "2"],
+                          capture_output=True, text=True, timeout=600, cwd=root,
+                          env={**os.environ, "PYTHONPATH": str(REPOSITORY), "COLUMNS": "80",
+                               "DR_GEN_LOG_DIR": str(root / "logs")})
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert any(line.startswith("tiny_vit_16_160  ") for line in lines)
+    assert any(line.startswith("tiny_vit_32  ") for line in lines) and "…" not in done.stdout
