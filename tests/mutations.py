@@ -177,11 +177,22 @@ def failed_tests(output: str) -> list[str]:
     return re.findall(r"^(?:FAILED|ERROR) (\S+)", output, re.MULTILINE)
 
 
+def stale(mutations: list[Mutation]) -> list[str]:
+    """The mutations whose old text is not found exactly once in their file (the code moved on)."""
+    return [f"mutation {m.name!r}: its old text is not found exactly once in {m.file}"
+            for m in mutations
+            if not (REPOSITORY / m.file).exists() or (REPOSITORY / m.file).read_text().count(m.old) != 1]
+
+
+def missing_tests(mutations: list[Mutation]) -> list[str]:
+    """The named tests whose file is gone (a test moved or renamed without its mutation)."""
+    return [f"mutation {m.name!r}: test file of {test} not found"
+            for m in mutations for test in m.tests if not (REPOSITORY / test.split("::")[0]).exists()]
+
+
 def run(mutations: list[Mutation], python: str) -> bool:
-    for mutation in mutations:  # every edit is checked against the code before anything runs
-        if (REPOSITORY / mutation.file).read_text().count(mutation.old) != 1:
-            raise SystemExit(f"mutation {mutation.name!r}: its old text is not found exactly once in "
-                             f"{mutation.file}: update tests/mutations.py to the code")
+    if problems := stale(mutations):  # every edit is checked against the code before anything runs
+        raise SystemExit("\n".join(problems) + "\nupdate tests/mutations.py to the code")
     rows, survived = [], []
     with tempfile.TemporaryDirectory(prefix="dr-gen-mutations-") as temp:
         root = Path(temp) / "repo"
