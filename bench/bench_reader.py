@@ -48,7 +48,7 @@ from torch.utils.data import default_collate
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.autoaugment import _apply_op
 
-from dr_pipeline.views.augment import RAND_AUGMENT_OPS
+from dr_pipeline.core.records import RAND_AUGMENT_OPS
 from dr_pipeline.core.config import parse_job
 from dr_pipeline.tools.export import export_datacompdr
 from dr_pipeline.read.reader import ROWS_PER_BATCH, ReinforcedDataset, file_batches, open_dataset

@@ -16,8 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from dr_pipeline.core.config import TeacherConfig
-from teachers import TeacherCard
-from teachers.base import VIEW_RESIZE
+from teachers import VIEW_RESIZE, TeacherCard
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)

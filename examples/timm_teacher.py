@@ -19,8 +19,8 @@ import torch.nn.functional as F
 
 from dr_pipeline.core.config import TeacherConfig
 from dr_pipeline.core.errors import ConfigError
-from teachers import TeacherCard
-from teachers.base import VIEW_RESIZE, pixels_for_model, precision_context, resolve_precision, seeded_init
+from teachers import VIEW_RESIZE, TeacherCard
+from teachers.base import pixels_for_model, precision_context, resolve_precision, seeded_init
 
 
 class TimmImageTeacher:

@@ -8,9 +8,7 @@ size and normalisation, how views of another size were resized, which tokenizer)
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
@@ -18,67 +16,14 @@ import torch.nn.functional as F
 
 from dr_pipeline.core.accelerator import Acceleration
 from dr_pipeline.core.config import CaptionPostprocessConfig, SamplerConfig
+from dr_pipeline.core.records import VIEW_RESIZE, CaptionerCard, TeacherCard
 from dr_pipeline.core.seeding import derive_seed
 from teachers.sampling import postprocess_caption
 
-VIEW_RESIZE = "bicubic"
-"""How views whose size differs from a model's input size are resized (antialiased, in
-float, clamped to [0, 255]); recorded in every card so a replay can do the same."""
-
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+QUOTED_ERROR_CHARS = 300
+"""At most this much of a library's error is quoted in a ConfigError (model loaders' errors run long)."""
 _AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-class _Card:
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready (tuples become lists), so the dict equals its own JSON round trip."""
-        return {
-            name: list(value) if isinstance(value, tuple) else value
-            for name, value in dataclasses.asdict(self).items()
-        }
-
-
-@dataclass(frozen=True)
-class TeacherCard(_Card):
-    """How a teacher's embeddings were produced, as written to the manifest."""
-
-    id: str
-    spec: str
-    kind: str
-    model: str
-    weights: str  # pretrained tag, file path, hf-hub id, or "random-init:<seed>"
-    embedding_dim: int
-    input_size: int | None
-    mean: tuple[float, float, float] | None
-    std: tuple[float, float, float] | None
-    interpolation: str | None  # the model's own preprocessing interpolation
-    view_resize: str  # used when a view's size differs from input_size
-    context_length: int | None
-    tokenizer: str | None
-    logit_scale: float | None
-    logit_bias: float | None
-    normalized: bool = True
-    has_image: bool = True
-    has_text: bool = True
-
-
-@dataclass(frozen=True)
-class CaptionerCard(_Card):
-    """How a captioner's captions were produced (the sampler is recorded next to it)."""
-
-    id: str
-    spec: str
-    kind: str
-    model: str
-    weights: str
-    input_size: int | None
-    mean: tuple[float, float, float] | None
-    std: tuple[float, float, float] | None
-    interpolation: str | None
-    context_length: int | None
-    tokenizer: str | None
-    decoding: str  # "kv-cache", or "full-recompute" for models whose blocks the cache does not mirror
-    view_resize: str = VIEW_RESIZE
 
 
 class Teacher(Protocol):
@@ -106,12 +51,6 @@ class Captioner(Protocol):
         """uint8 [N, 3, s, s] images (resized to card.input_size when s differs); seeds[i][j]
         seeds caption j of image i. Returns, per image, one caption per seed."""
         ...
-
-
-def error_line(error: BaseException, limit: int = 300) -> str:
-    """A library error as one line of at most `limit` characters, for a ConfigError message."""
-    text = " ".join(str(error).split()) or type(error).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 @contextlib.contextmanager

@@ -40,14 +40,12 @@ from transformers import (
 )
 
 from dr_pipeline.core.config import CaptionerConfig, SamplerConfig, TeacherConfig
-from dr_pipeline.core.errors import ConfigError
+from dr_pipeline.core.errors import ConfigError, error_line
+from dr_pipeline.core.records import VIEW_RESIZE, CaptionerCard, TeacherCard
 from teachers.base import (
-    VIEW_RESIZE,
-    CaptionerCard,
+    QUOTED_ERROR_CHARS,
     SeededCaptioner,
-    TeacherCard,
     TwoTowerTeacher,
-    error_line,
     pixels_for_model,
     precision_context,
     resolve_precision,
@@ -84,7 +82,7 @@ def load_model(spec_text: str, rest: str, auto_class) -> tuple[torch.nn.Module, 
             model = auto_class.from_pretrained(rest, dtype=torch.float32)
             weights = rest
     except Exception as error:  # hub, file, config and architecture errors all mean "cannot load"
-        raise ConfigError(f"spec {spec_text!r}: cannot load the transformers model ({error_line(error)})") from error
+        raise ConfigError(f"spec {spec_text!r}: cannot load the transformers model ({error_line(error, limit=QUOTED_ERROR_CHARS)})") from error
     return model.eval(), weights
 
 
@@ -96,7 +94,7 @@ def load_processors(spec_text: str, rest: str):
             return processor.image_processor, processor.tokenizer, processor
         return AutoImageProcessor.from_pretrained(rest), AutoTokenizer.from_pretrained(rest), None
     except Exception as error:
-        raise ConfigError(f"spec {spec_text!r}: cannot load the model's processor ({error_line(error)})") from error
+        raise ConfigError(f"spec {spec_text!r}: cannot load the model's processor ({error_line(error, limit=QUOTED_ERROR_CHARS)})") from error
 
 
 def image_preprocess(image_processor, spec_text: str) -> dict:

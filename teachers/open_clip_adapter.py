@@ -25,14 +25,12 @@ from open_clip.transformer import MultimodalTransformer
 from torch import nn
 
 from dr_pipeline.core.config import CaptionerConfig, SamplerConfig, TeacherConfig
-from dr_pipeline.core.errors import ConfigError
+from dr_pipeline.core.errors import ConfigError, error_line
+from dr_pipeline.core.records import VIEW_RESIZE, CaptionerCard, TeacherCard
 from teachers.base import (
-    VIEW_RESIZE,
-    CaptionerCard,
+    QUOTED_ERROR_CHARS,
     SeededCaptioner,
-    TeacherCard,
     TwoTowerTeacher,
-    error_line,
     precision_context,
     pixels_for_model,
     resolve_precision,
@@ -192,7 +190,7 @@ def load_model(spec_text: str, rest: str) -> tuple[nn.Module, str]:
         try:
             model = open_clip.create_model(spec.model, pretrained=pretrained, device="cpu", weights_only=True)
         except Exception as error:  # open_clip reports bad weights with many types, asserts included
-            raise ConfigError(f"spec {spec_text!r}: cannot load the open_clip model ({error_line(error)})") from error
+            raise ConfigError(f"spec {spec_text!r}: cannot load the open_clip model ({error_line(error, limit=QUOTED_ERROR_CHARS)})") from error
         if spec.random_init:
             _initialise_decoder_projection(model)
     if spec.random_init:

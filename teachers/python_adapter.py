@@ -19,7 +19,8 @@ import torch
 
 from dr_pipeline.core.config import CaptionerConfig, TeacherConfig
 from dr_pipeline.core.errors import ConfigError
-from teachers.base import Captioner, CaptionerCard, Teacher, TeacherCard
+from dr_pipeline.core.records import CaptionerCard, TeacherCard
+from teachers.base import Captioner, Teacher
 from teachers.registry import Role, TeacherKind, register_kind
 
 KIND = "python"

@@ -13,8 +13,9 @@ from __future__ import annotations
 import torch
 
 from dr_pipeline.core.config import TeacherConfig
-from dr_pipeline.core.errors import ConfigError
-from teachers.base import VIEW_RESIZE, TeacherCard, error_line, precision_context, resolve_precision
+from dr_pipeline.core.errors import ConfigError, error_line
+from dr_pipeline.core.records import VIEW_RESIZE, TeacherCard
+from teachers.base import QUOTED_ERROR_CHARS, precision_context, resolve_precision
 from teachers.registry import Role, TeacherKind, register_kind
 from teachers.weights import model_location_problem
 
@@ -61,7 +62,7 @@ def build_sentence_transformer_teacher(
         model = SentenceTransformer(rest, device=str(device)).eval()
     except Exception as error:  # hub, file and config errors all mean "cannot load"
         raise ConfigError(
-            f"teacher spec {config.spec!r}: cannot load the sentence-transformers model ({error_line(error)})"
+            f"teacher spec {config.spec!r}: cannot load the sentence-transformers model ({error_line(error, limit=QUOTED_ERROR_CHARS)})"
         ) from error
     tokenizer = model.tokenizer
     card = TeacherCard(

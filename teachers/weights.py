@@ -24,9 +24,9 @@ from urllib.parse import urlsplit
 import fsspec
 from fsspec.core import url_to_fs
 
-from dr_pipeline.core.errors import ConfigError
+from dr_pipeline.core.errors import ConfigError, error_line
 from dr_pipeline.core.storage import redact_url
-from teachers.base import error_line
+from teachers.base import QUOTED_ERROR_CHARS
 
 HF_HUB = "hf-hub:"
 HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
@@ -104,7 +104,7 @@ def local_weights(reference: str) -> str:
         if is_url(reference):
             return _copy_into_cache(reference)
     except Exception as error:  # hub and fsspec backends raise many types for one meaning
-        raise ConfigError(f"cannot fetch weights {redact_url(reference)!r} ({error_line(error)})") from error
+        raise ConfigError(f"cannot fetch weights {redact_url(reference)!r} ({error_line(error, limit=QUOTED_ERROR_CHARS)})") from error
     return reference
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import jsonschema
 import numpy as np
@@ -19,9 +19,6 @@ import pyarrow as pa
 
 import schemas
 from dr_pipeline.core.errors import DatasetError
-
-if TYPE_CHECKING:
-    import torch
 
 SCHEMA_VERSION = schemas.load_spec()["version"]
 KEY_PATTERN = re.compile(schemas.load_spec()["key_pattern"])
@@ -264,15 +261,6 @@ def transfer_dtype(embedding_dtype: str) -> str:
     """The dtype embeddings leave the model actor in: the storage dtype, or float32 for a
     quantised one (quantised where the unit is written, `storage_columns`)."""
     return "float32" if is_quantized(embedding_dtype) else embedding_dtype
-
-
-def to_storage(embeddings: torch.Tensor, embedding_dtype: str) -> np.ndarray:
-    """Float embeddings -> the numpy array stored for a float `embedding_dtype` (bfloat16 as raw uint16 bits)."""
-    import torch  # only the model side converts tensors; readers need no torch
-
-    if embedding_dtype == "bfloat16":
-        return embeddings.to(torch.bfloat16).view(torch.int16).cpu().numpy().view(np.uint16)
-    return embeddings.to(getattr(torch, embedding_dtype)).cpu().numpy()
 
 
 def quantize_int8(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

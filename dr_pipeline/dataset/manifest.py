@@ -19,7 +19,7 @@ from typing import Any, Iterable, Iterator
 
 from dr_pipeline import __version__
 from dr_pipeline.core.config import JobConfig
-from dr_pipeline.core.errors import DatasetError
+from dr_pipeline.core.errors import DatasetError, error_line
 from dr_pipeline.dataset.plan import DATA_DIR, Unit
 from dr_pipeline.core.schema import SCHEMA_VERSION, DatasetLayout, validate_manifest
 from dr_pipeline.core.storage import Location, redact_url
@@ -182,20 +182,16 @@ def write_runs(out: Location, runs: list[dict[str, Any]]) -> None:
     out.write_json_atomic({"runs": runs}, RUNS_FILE)  # retried on transient errors (storage.retrying)
 
 
-def _first_line(error: BaseException) -> str:
-    return next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
-
-
 def read_manifest(url: str, storage_options: dict[str, Any] | None = None) -> tuple[Location, dict[str, Any]]:
     """The dataset folder and its validated manifest; a clear error when it is not a dr-gen dataset."""
     try:
         out = Location.from_url(url, storage_options)
         found = out.exists(MANIFEST_FILE)
     except ImportError as error:  # fsspec names the package its protocol needs
-        raise DatasetError(f"{redact_url(url)}: {_first_line(error)} (e.g. pip install 'dr-gen[s3]' for s3://, "
+        raise DatasetError(f"{redact_url(url)}: {error_line(error, part='first')} (e.g. pip install 'dr-gen[s3]' for s3://, "
                            f"aiohttp for http(s)://)") from None
     except Exception as error:  # credentials, network, DNS: the folder cannot be read now
-        raise DatasetError(f"{redact_url(url)}: cannot reach it ({type(error).__name__}: {_first_line(error)}); "
+        raise DatasetError(f"{redact_url(url)}: cannot reach it ({type(error).__name__}: {error_line(error, part='first')}); "
                            f"check the URL, the network and the credentials") from None
     if not found:
         raise DatasetError(f"{redact_url(url)}: no {MANIFEST_FILE} here; is this a dr-gen output folder?")

@@ -21,7 +21,7 @@ import torch
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from dr_pipeline.core.config import JobConfig, ResourcesConfig
-from dr_pipeline.core.errors import ConfigError, DatasetError, DrGenError
+from dr_pipeline.core.errors import ConfigError, DatasetError, DrGenError, error_line
 from dr_pipeline.sources.inputs import list_shards
 from dr_pipeline.execution.lease import OutputLease
 from dr_pipeline.dataset.manifest import (
@@ -68,12 +68,6 @@ class RunSummary:
     manifest_error: str | None = None  # the driver could not write dataset.json / runs.json (storage)
 
 
-def one_line(error: BaseException) -> str:
-    """The last meaningful line of an error, as users should see it."""
-    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
-    return lines[-1] if lines else type(error).__name__
-
-
 def check_job(job: JobConfig) -> None:
     """Everything that can be checked without loading a model or starting Ray."""
     for teacher in job.teachers:
@@ -89,7 +83,7 @@ def _check_writable(out: Location) -> None:
         out.write_bytes_atomic(b"", probe)
         out.fs.rm(out.join(probe))
     except Exception as error:  # any backend error means the same thing to the user
-        raise ConfigError(f"output {redact_url(out.url())} is not writable ({one_line(error)})") from None
+        raise ConfigError(f"output {redact_url(out.url())} is not writable ({error_line(error, part='last')})") from None
 
 
 def plan_output(job: JobConfig, overwrite: bool) -> tuple[Location, Plan]:
@@ -137,7 +131,7 @@ def model_results(
             with clock.stage("wait_for_models"):
                 return ray.get(result_ref)
         except ray.exceptions.RayTaskError as error:
-            return one_line(error)
+            return error_line(error, part="last")
 
     def finish_oldest() -> Iterator[tuple[list[T], BatchResult | str]]:
         items, batch_ref, result_ref = in_flight.popleft()
@@ -269,7 +263,7 @@ def started_cards(actors: ModelActors) -> dict[str, Any]:
     try:
         return actors.wait_started()
     except ray.exceptions.RayError as error:
-        raise DrGenError(f"model actors failed to start: {one_line(error)}") from None
+        raise DrGenError(f"model actors failed to start: {error_line(error, part='last')}") from None
 
 
 def manifest_cards(manifest: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
@@ -329,7 +323,7 @@ def run_unit_tasks(
                 if moved[done_unit.id] <= MAX_UNIT_MOVES:
                     retry.append(done_unit)
                     return
-            summary.units_failed.append((done_unit.id, one_line(error)))
+            summary.units_failed.append((done_unit.id, error_line(error, part="last")))
             if isinstance(error, (ConfigError, DatasetError)):  # a RayTaskError is also its cause's type
                 summary.units_refused.append(done_unit.id)
             tracker.unit_failed()
@@ -495,4 +489,4 @@ def _storage_errors_noted(summary: RunSummary) -> Iterator[None]:
     try:
         yield
     except OSError as error:
-        summary.manifest_error = f"dataset.json not updated: {type(error).__name__}: {one_line(error)}"
+        summary.manifest_error = f"dataset.json not updated: {type(error).__name__}: {error_line(error, part='last')}"

@@ -16,7 +16,7 @@ import torch
 from dr_pipeline.core.accelerator import Acceleration, teacher_batch_size, views_to_device
 from dr_pipeline.core.config import JobConfig, ResourcesConfig
 from dr_pipeline.generate.prepare import ViewBatch, caption_input_sizes, render_model_inputs
-from dr_pipeline.core.schema import to_storage, transfer_dtype
+from dr_pipeline.core.schema import transfer_dtype
 from dr_pipeline.core.seeding import derive_seed
 from dr_pipeline.core.timing import StageClock
 from teachers import Teacher, build_captioner, build_teacher
@@ -158,3 +158,10 @@ class ModelWorker:
 
 def _encode_in_chunks(encode: Any, items: Any, batch_size: int, dtype: str) -> np.ndarray:
     return to_storage(torch.cat([encode(items[part]) for part in _chunks(len(items), batch_size)]), dtype)
+
+
+def to_storage(embeddings: torch.Tensor, embedding_dtype: str) -> np.ndarray:
+    """Float embeddings -> the numpy array stored for a float `embedding_dtype` (bfloat16 as raw uint16 bits)."""
+    if embedding_dtype == "bfloat16":
+        return embeddings.to(torch.bfloat16).view(torch.int16).cpu().numpy().view(np.uint16)
+    return embeddings.to(getattr(torch, embedding_dtype)).cpu().numpy()

@@ -18,21 +18,18 @@ import itertools
 import json
 import tarfile
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from dr_pipeline.core.errors import DatasetError
+from dr_pipeline.core.records import ViewParams
 from dr_pipeline.dataset.manifest import read_manifest
 from dr_pipeline.core.schema import DatasetLayout, from_storage, scale_column
 from dr_pipeline.dataset.sidecars import SidecarLayout, base_layout
 from dr_pipeline.core.storage import Location
-
-if TYPE_CHECKING:
-    from dr_pipeline.views.augment import ViewParams
-
 
 ROWS_PER_BATCH = 1024
 """Rows per `RowBatch` by default: the writers' Parquet row group."""
@@ -67,7 +64,7 @@ class ReinforcedDataset:
 
     def iter_samples(self, units: list[str] | None = None, view_params: bool = True) -> Iterator[dict[str, Any]]:
         """Rows of every unit (or of `units`); `view_params=False` leaves "aug" as plain records
-        (dicts), which spares importing the renderer and torch (`inspect`)."""
+        (dicts), as `inspect` prints them."""
         wanted = set(units) if units is not None else None
         for unit in self.units:
             if wanted is None or unit["id"] in wanted:
@@ -125,8 +122,6 @@ class ReinforcedDataset:
         for name in self.layout.embedding_shapes():
             row[name] = from_storage(row[name], dtype, row.pop(scales[name]) if name in scales else None)
         if view_params:
-            from dr_pipeline.views.augment import ViewParams  # imports torch
-
             row["aug"] = [ViewParams.from_record(r) for r in row["aug"]]
         row.setdefault("uid", row["source_key"])  # before schema 1.2, what the export wrote as uid
         return row
@@ -233,8 +228,6 @@ class ViewArrays:
 
     def params(self, row: int, view: int) -> ViewParams:
         """View `view` of row `row`, equal to the `ViewParams` the row reader gives."""
-        from dr_pipeline.views.augment import ViewParams  # imports torch: only readers that replay need it
-
         j = row * self.num_views + view
         first, end = self.offsets[j], self.offsets[j + 1]
         return ViewParams(

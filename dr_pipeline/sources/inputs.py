@@ -33,7 +33,7 @@ from fsspec.implementations.local import LocalFileSystem
 from webdataset.tariterators import base_plus_ext
 
 from dr_pipeline.core.config import InputConfig
-from dr_pipeline.core.errors import ConfigError, DrGenError
+from dr_pipeline.core.errors import ConfigError, DrGenError, error_line
 from dr_pipeline.core.storage import (RetryingReader, filesystem, filesystem_options, fresh, path_exists, redact_url,
                                   retrying)
 
@@ -133,7 +133,7 @@ def _expand_pattern(pattern: str, storage_options: dict[str, Any]) -> list[str]:
     try:
         fs, _ = filesystem(urls[0], storage_options)
     except (ImportError, ValueError) as error:
-        raise ConfigError(f"input {pattern!r}: cannot use its filesystem ({error_summary(error)})") from None
+        raise ConfigError(f"input {pattern!r}: cannot use its filesystem ({error_line(error, with_type=True)})") from None
     try:
         if isinstance(fs, LocalFileSystem):
             return _local_matches(pattern, urls, fs)
@@ -141,7 +141,7 @@ def _expand_pattern(pattern: str, storage_options: dict[str, Any]) -> list[str]:
     except ConfigError:
         raise
     except Exception as error:  # credentials, network, DNS: any of them means the input is unusable now
-        raise ConfigError(f"input {pattern!r}: cannot reach its filesystem ({error_summary(error)})") from None
+        raise ConfigError(f"input {pattern!r}: cannot reach its filesystem ({error_line(error, with_type=True)})") from None
 
 
 def _local_matches(pattern: str, urls: list[str], fs: LocalFileSystem) -> list[str]:
@@ -203,7 +203,7 @@ def detect_format(url: str, config: InputConfig) -> ShardFormat:
         with _open_shard(url, config) as file:
             head = file.read(512)
     except (*_UNOPENABLE, ValueError) as error:  # a storage hiccup propagates, as when reading
-        raise ConfigError(f"{url}: cannot read it to detect its format ({error_summary(error)})") from None
+        raise ConfigError(f"{url}: cannot read it to detect its format ({error_line(error, with_type=True)})") from None
     if head.startswith(b"PAR1"):
         return "parquet"
     if head[257:262] == b"ustar":
@@ -234,12 +234,12 @@ def iter_shard(url: str, config: InputConfig) -> Iterator[RawSample | InputFailu
     try:
         file = _open_shard(url, config)
     except _UNOPENABLE as error:
-        raise ShardUnavailable(f"input shard {redact_url(url)} cannot be opened ({error_summary(error)})") from None
+        raise ShardUnavailable(f"input shard {redact_url(url)} cannot be opened ({error_line(error, with_type=True)})") from None
     try:
         shard_format = detect_format(url, config)
     except ConfigError as error:
         file.close()
-        yield InputFailure(f"{shard}#unreadable", "unreadable_shard", error_summary(error))
+        yield InputFailure(f"{shard}#unreadable", "unreadable_shard", error_line(error, with_type=True))
         return
     read = _iter_tar if shard_format == "webdataset" else _iter_parquet
     with file:
@@ -430,7 +430,7 @@ def _iter_tar(file: _StorageErrorTrap, shard: str, config: InputConfig) -> Itera
     try:
         tar = tarfile.open(fileobj=file, mode="r|*", tarinfo=_StrictTarInfo)
     except tarfile.TarError as error:
-        yield InputFailure(f"{shard}#unreadable", "unreadable_shard", f"not a tar archive: {error_summary(error)}")
+        yield InputFailure(f"{shard}#unreadable", "unreadable_shard", f"not a tar archive: {error_line(error, with_type=True)}")
         return
     run: _MemberRun | None = None
     try:
@@ -455,7 +455,7 @@ def _iter_tar(file: _StorageErrorTrap, shard: str, config: InputConfig) -> Itera
         yield InputFailure(
             run.key if run else f"{shard}#truncated",
             "truncated_shard",
-            f"{shard} breaks off{f' in sample {run.key}' if run else ''}: {error_summary(error)}",
+            f"{shard} breaks off{f' in sample {run.key}' if run else ''}: {error_line(error, with_type=True)}",
         )
         return
     if run is not None:
@@ -602,7 +602,7 @@ def _iter_parquet(file: _StorageErrorTrap, shard: str, config: InputConfig) -> I
         return
     except (pa.ArrowException, OSError) as error:
         file.raise_storage_error()
-        yield InputFailure(f"{shard}#unreadable", "unreadable_shard", f"not a parquet file: {error_summary(error)}")
+        yield InputFailure(f"{shard}#unreadable", "unreadable_shard", f"not a parquet file: {error_line(error, with_type=True)}")
         return
     stem = PurePosixPath(shard).stem
     row = 0
@@ -631,7 +631,7 @@ def _iter_parquet(file: _StorageErrorTrap, shard: str, config: InputConfig) -> I
         yield InputFailure(
             f"{shard}#truncated",
             "truncated_shard",
-            f"{shard} breaks off at row {row} of {parquet.metadata.num_rows}: {error_summary(error)}",
+            f"{shard} breaks off at row {row} of {parquet.metadata.num_rows}: {error_line(error, with_type=True)}",
         )
 
 
@@ -657,9 +657,3 @@ def sniff_image_format(data: bytes) -> str | None:
     if data[:2] == b"BM":
         return "bmp"
     return None
-
-
-def error_summary(error: BaseException) -> str:
-    """An exception as one line for a failure detail or a ConfigError."""
-    message = " ".join(str(error).split())
-    return f"{type(error).__name__}: {message}" if message else type(error).__name__

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from dr_pipeline.views.augment import RAND_AUGMENT_OPS, ViewParams
+from dr_pipeline.core.records import RAND_AUGMENT_OPS, ViewParams
 from dr_pipeline.read.reader import ReinforcedDataset
 from dr_pipeline.read.replay import ViewRenderer, dataset_job, find_samples, original_images, pick_samples
 from dr_pipeline.core.schema import DatasetLayout

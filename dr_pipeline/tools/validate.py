@@ -37,7 +37,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from dr_pipeline.core.errors import DatasetError
+from dr_pipeline.core.errors import DatasetError, error_line
 from dr_pipeline.dataset.manifest import read_manifest, read_unit_stats, totals
 from dr_pipeline.dataset.plan import read_plan
 from dr_pipeline.read.reader import file_rows, fixed_size_matrix
@@ -342,7 +342,7 @@ class DatasetValidator:
                 with self.out.fs.open(self.out.join(path), "rb") as handle:
                     schema = pq.ParquetFile(handle).schema_arrow
             except (pa.ArrowException, OSError) as error:
-                return [f"{where}: not a Parquet file ({_one_line(error)})"]
+                return [f"{where}: not a Parquet file ({error_line(error)})"]
             if not schema.equals(sidecar.arrow_schema()):
                 return [f"{where}: its Arrow schema differs from extension {sidecar.extension}'s layout"]
         names = set(self.full_layout.stored_arrays())
@@ -370,7 +370,7 @@ class DatasetValidator:
                         row_problems.add(f"{column.name} has an L2 norm off 1 by more than {tolerance} "
                                          "(its card says normalized)", key)
         except (pa.ArrowException, OSError, tarfile.TarError, KeyError, ValueError) as error:
-            return [f"{where}: cannot be read as extension {sidecar.extension}'s layout says ({_one_line(error)})"]
+            return [f"{where}: cannot be read as extension {sidecar.extension}'s layout says ({error_line(error)})"]
         problems = row_problems.lines(where)
         if sidecar_keys != keys:
             first = next((i for i, (a, b) in enumerate(zip(sidecar_keys, keys)) if a != b), min(len(keys), len(sidecar_keys)))
@@ -420,15 +420,11 @@ def validate_dataset(url: str, storage_options: dict[str, Any] | None = None, wo
 # ---------------------------------------------------------------------- reading data files
 
 
-def _one_line(error: BaseException) -> str:
-    return " ".join(str(error).split()) or type(error).__name__
-
-
 def _parquet_rows(handle: BinaryIO, layout: DatasetLayout) -> Iterator[_Rows]:
     try:
         parquet = pq.ParquetFile(handle)
     except (pa.ArrowException, OSError) as error:
-        raise _UnusableFile([f"not a Parquet file ({_one_line(error)})"]) from None
+        raise _UnusableFile([f"not a Parquet file ({error_line(error)})"]) from None
     expected = layout.arrow_schema()
     actual = parquet.schema_arrow
     differences = [
@@ -454,7 +450,7 @@ def _parquet_rows(handle: BinaryIO, layout: DatasetLayout) -> Iterator[_Rows]:
                 image_sha256=batch.column("image_sha256").to_pylist(),
             )
     except (pa.ArrowException, OSError) as error:
-        raise _UnusableFile([f"cannot be read to its end ({_one_line(error)})"]) from None
+        raise _UnusableFile([f"cannot be read to its end ({error_line(error)})"]) from None
 
 
 def _tar_rows(
@@ -483,7 +479,7 @@ def _tar_rows(
             if raw:
                 batch.append(_tar_sample(key, raw, members, layout, problems))
     except tarfile.TarError as error:
-        raise _UnusableFile([f"not a readable tar ({_one_line(error)})"]) from None
+        raise _UnusableFile([f"not a readable tar ({error_line(error)})"]) from None
     if batch:
         yield _rows_from_samples(batch, layout)
 

@@ -1,6 +1,6 @@
 """The K augmented views of an image: sampled as parameters, rendered from them.
 
-Generation stores only `ViewParams`; trainers, `show` and `verify` replay a
+Generation stores only `ViewParams` (core/records.py); trainers, `show` and `verify` replay a
 view by calling `render_view` on the decoded original with the stored
 parameters. Sampling is a pure function of (run seed, sample key, view index,
 image size, config), so any subset of a dataset can be recomputed anywhere.
@@ -25,7 +25,6 @@ numpy generator instead of torch's global one.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Sequence
 
@@ -37,10 +36,8 @@ from PIL import Image
 from torchvision.transforms import InterpolationMode
 
 from dr_pipeline.core.config import AugmentationConfig
+from dr_pipeline.core.records import RAND_AUGMENT_OPS, ViewParams
 from dr_pipeline.core.seeding import derive_seed
-from schemas import load_spec
-
-RAND_AUGMENT_OPS: tuple[str, ...] = tuple(op["name"] for op in load_spec()["rand_augment_ops"])
 
 # Ops whose magnitude is negated with probability 1/2, as in torchvision's RandAugment.
 _SIGNED_OPS = frozenset(
@@ -51,77 +48,6 @@ if set(RAND_AUGMENT_OPS) != _SIGNED_OPS | _UNSIGNED_OPS or len(RAND_AUGMENT_OPS)
     raise RuntimeError(f"schema rand_augment_ops {RAND_AUGMENT_OPS} do not match the ops this renderer implements")
 
 _ATTEMPTS = 10  # tries before the crop falls back to a centre crop / erasing gives up, as in torchvision
-
-
-@dataclass(frozen=True)
-class ViewParams:
-    """Everything needed to replay one view from the original image.
-
-    crop: (top, left, height, width) in original pixels. flip: horizontal flip
-    of the resized crop. rand_augment: (op index into RAND_AUGMENT_OPS, signed
-    magnitude as applied) pairs, None when RandAugment was skipped. erase:
-    (top, left, height, width) in view pixels set to 0, None when not erased.
-    """
-
-    crop: tuple[int, int, int, int]
-    flip: bool
-    rand_augment: tuple[tuple[int, float], ...] | None
-    erase: tuple[int, int, int, int] | None
-
-    def __post_init__(self) -> None:
-        """Reject malformed parameters early: they usually come from a file."""
-        _check_box(self.crop, "crop")
-        if self.erase is not None:
-            _check_box(self.erase, "erase")
-        for op, _ in self.rand_augment or ():
-            if not 0 <= op < len(RAND_AUGMENT_OPS):
-                raise ValueError(f"RandAugment op index {op} outside 0..{len(RAND_AUGMENT_OPS) - 1}")
-
-    def to_record(self) -> dict[str, Any]:
-        """The value of one element of the schema's "aug" list<struct> column."""
-        return {
-            "crop": list(self.crop),
-            "flip": self.flip,
-            "rand_augment": None
-            if self.rand_augment is None
-            else [{"op": op, "magnitude": magnitude} for op, magnitude in self.rand_augment],
-            "erase": None if self.erase is None else list(self.erase),
-        }
-
-    @classmethod
-    def from_record(cls, record: dict[str, Any]) -> ViewParams:
-        """Inverse of to_record; also takes pyarrow's to_pylist output and parsed aug.json."""
-        rand_augment = record["rand_augment"]
-        erase = record["erase"]
-        return cls(
-            crop=_int_box(record["crop"]),
-            flip=bool(record["flip"]),
-            rand_augment=None
-            if rand_augment is None
-            else tuple((int(entry["op"]), float(entry["magnitude"])) for entry in rand_augment),
-            erase=None if erase is None else _int_box(erase),
-        )
-
-    def to_datacompdr(self) -> list[Any]:
-        """The public DataCompDR `param_aug` entry. It has no place for flip or erasing:
-        an exporter must only use it for jobs where both have p = 0."""
-        ops = None if self.rand_augment is None else [[op, magnitude] for op, magnitude in self.rand_augment]
-        return [list(self.crop), ops]
-
-
-def _int_box(values: Sequence[Any]) -> tuple[int, int, int, int]:
-    if len(values) != 4:
-        raise ValueError(f"a box is [top, left, height, width], got {list(values)}")
-    top, left, height, width = (int(v) for v in values)
-    return top, left, height, width
-
-
-def _check_box(box: tuple[int, int, int, int], name: str) -> None:
-    if len(box) != 4:
-        raise ValueError(f"{name} is (top, left, height, width), got {box}")
-    top, left, height, width = box
-    if top < 0 or left < 0 or height < 1 or width < 1:
-        raise ValueError(f"{name} {box} needs top, left >= 0 and height, width >= 1")
 
 
 def _float32(value: float) -> float:

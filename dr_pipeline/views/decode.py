@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from PIL import ExifTags, Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from dr_pipeline.sources.inputs import error_summary
+from dr_pipeline.core.errors import error_line
 
 Image.init()
 WEB_IMAGE_FORMATS = tuple(
@@ -72,7 +72,7 @@ def decode_image(data: bytes, max_pixels: int) -> torch.Tensor:
     except ImageRejected:
         raise
     except Image.DecompressionBombError as error:
-        raise ImageRejected("image_too_large", error_summary(error)) from None
+        raise ImageRejected("image_too_large", error_line(error, with_type=True)) from None
     except UnidentifiedImageError:
         raise ImageRejected(
             "undecodable_image", f"not an image in a supported format ({', '.join(WEB_IMAGE_FORMATS)})"
@@ -80,7 +80,7 @@ def decode_image(data: bytes, max_pixels: int) -> torch.Tensor:
     except MemoryError:
         raise
     except Exception as error:  # Pillow's decoders raise many types on malformed data; all mean "bad bytes"
-        raise ImageRejected("undecodable_image", error_summary(error)) from None
+        raise ImageRejected("undecodable_image", error_line(error, with_type=True)) from None
     return torch.from_numpy(pixels).permute(2, 0, 1).contiguous()
 
 

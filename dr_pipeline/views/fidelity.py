@@ -19,8 +19,8 @@ from PIL import Image
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.autoaugment import _apply_op as torchvision_rand_augment_op
 
-from dr_pipeline.views.augment import RAND_AUGMENT_OPS, ViewParams
 from dr_pipeline.core.config import AugmentationConfig
+from dr_pipeline.core.records import RAND_AUGMENT_OPS, ViewParams
 
 
 def reference_view(picture: Image.Image, params: ViewParams, cfg: AugmentationConfig) -> torch.Tensor:

@@ -17,8 +17,8 @@ from dr_pipeline.core.schema import (
     from_storage,
     safe_key,
     sample_uid,
-    to_storage,
 )
+from dr_pipeline.generate.model_worker import to_storage
 
 LAYOUT = DatasetLayout(
     num_views=3,

@@ -19,7 +19,8 @@ import webdataset as wds
 from PIL import Image
 from typer.testing import CliRunner
 
-from dr_pipeline.views.augment import ViewParams, render_view
+from dr_pipeline.core.records import ViewParams
+from dr_pipeline.views.augment import render_view
 from dr_pipeline.cli import app
 from dr_pipeline.core.config import parse_job
 from dr_pipeline.views.decode import decode_image

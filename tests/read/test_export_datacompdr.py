@@ -14,7 +14,7 @@ import webdataset as wds
 from PIL import Image
 from typer.testing import CliRunner
 
-from dr_pipeline.views.augment import ViewParams
+from dr_pipeline.core.records import ViewParams
 from dr_pipeline.cli import app
 from dr_pipeline.views.decode import decode_image
 from dr_pipeline.tools.export import datacompdr_members, datacompdr_problems, export_datacompdr

@@ -7,7 +7,7 @@ import ray
 import webdataset as wds
 from datasets import load_dataset
 
-from dr_pipeline.views.augment import ViewParams
+from dr_pipeline.core.records import ViewParams
 from dr_pipeline.core.schema import from_storage
 
 

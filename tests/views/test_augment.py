@@ -13,9 +13,8 @@ import torchvision.transforms.functional as pil_ops
 import torchvision.transforms.v2.functional as F
 from torchvision.transforms import InterpolationMode
 
+from dr_pipeline.core.records import RAND_AUGMENT_OPS, ViewParams
 from dr_pipeline.views.augment import (
-    RAND_AUGMENT_OPS,
-    ViewParams,
     center_view_params,
     render_view,
     render_views,

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from dr_pipeline.views.augment import RAND_AUGMENT_OPS, ViewParams, render_views, render_views_tensor, sample_views
+from dr_pipeline.core.records import RAND_AUGMENT_OPS, ViewParams
+from dr_pipeline.views.augment import render_views, render_views_tensor, sample_views
 from dr_pipeline.core.config import AugmentationConfig
 from dr_pipeline.views.decode import decode_image
 from dr_pipeline.views.fidelity import reference_view, to_picture, view_difference
