@@ -153,10 +153,12 @@ class CaptionerCard(_Card):
 
 class ModelCards(TypedDict):
     """The cards of a job's models in their JSON form (`TeacherCard.to_dict`), in job order: what
-    the model actors describe, and what the manifest and an extension.json record."""
+    the manifest and an extension.json record, and what a model actor describes (with where it runs)."""
 
     teachers: list[dict[str, Any]]
     captioners: list[dict[str, Any]]
+    node_id: NotRequired[str | None]
+    device: NotRequired[str]
 
 
 class FileRecord(TypedDict):

@@ -28,6 +28,8 @@ from urllib.parse import urlsplit, urlunsplit
 import fsspec
 from fsspec.core import url_to_fs
 
+from dr_pipeline.core.records import FileRecord
+
 _TEMP_TAG_LENGTH = 12
 T = TypeVar("T")
 
@@ -234,7 +236,7 @@ class FileInfo:
     bytes: int
     sha256: str
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> FileRecord:
         return {"path": self.path, "bytes": self.bytes, "sha256": self.sha256}
 
 

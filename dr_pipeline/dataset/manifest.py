@@ -20,6 +20,7 @@ from typing import Any, Iterable, Iterator
 from dr_pipeline import __version__
 from dr_pipeline.core.config import JobConfig
 from dr_pipeline.core.errors import DatasetError, error_line
+from dr_pipeline.core.records import ModelCards, UnitStats
 from dr_pipeline.dataset.plan import DATA_DIR, Unit
 from dr_pipeline.core.schema import SCHEMA_VERSION, DatasetLayout, validate_manifest
 from dr_pipeline.core.storage import Location, redact_url
@@ -42,7 +43,7 @@ def committed_unit_ids(out: Location, units: Iterable[Unit], folder: str = DATA_
     return {name[: -len(STATS_SUFFIX)] for name in names} & wanted
 
 
-def iter_unit_stats(out: Location, unit_ids: Iterable[str], folder: str = DATA_DIR) -> Iterator[dict[str, Any]]:
+def iter_unit_stats(out: Location, unit_ids: Iterable[str], folder: str = DATA_DIR) -> Iterator[UnitStats]:
     """The stats markers of committed units, in the given order, read MARKERS_PER_READ at a time."""
     batch: list[str] = []
     for unit_id in unit_ids:
@@ -53,13 +54,13 @@ def iter_unit_stats(out: Location, unit_ids: Iterable[str], folder: str = DATA_D
     yield from _read_markers(out, batch)
 
 
-def _read_markers(out: Location, paths: list[str]) -> Iterator[dict[str, Any]]:
+def _read_markers(out: Location, paths: list[str]) -> Iterator[UnitStats]:
     if paths:
         contents = out.cat(paths)
         yield from (json.loads(contents[path]) for path in paths)
 
 
-def read_unit_stats(out: Location, units: Iterable[Unit], folder: str = DATA_DIR) -> dict[str, dict[str, Any]]:
+def read_unit_stats(out: Location, units: Iterable[Unit], folder: str = DATA_DIR) -> dict[str, UnitStats]:
     """Stats of every committed unit of the plan (in `folder`: data, or a sidecar folder), keyed by unit id."""
     units = list(units)
     committed = committed_unit_ids(out, units, folder)
@@ -81,7 +82,7 @@ class StatsSum:
     units_by_node: Counter[str] = field(default_factory=Counter)
     storage_retries: int = 0  # counted by the unit tasks that returned these stats (not in the markers)
 
-    def add(self, stats: dict[str, Any]) -> None:
+    def add(self, stats: UnitStats) -> None:
         self.units += 1
         self.input_samples += stats["input_samples"]
         self.samples += stats["samples"]
@@ -101,7 +102,7 @@ class StatsSum:
                 "failures_by_reason": dict(sorted(self.failures_by_reason.items()))}
 
 
-def totals(units_planned: int, unit_stats: Iterable[dict[str, Any]]) -> dict[str, Any]:
+def totals(units_planned: int, unit_stats: Iterable[UnitStats]) -> dict[str, Any]:
     summed = StatsSum()
     for stats in unit_stats:
         summed.add(stats)
@@ -109,7 +110,7 @@ def totals(units_planned: int, unit_stats: Iterable[dict[str, Any]]) -> dict[str
 
 
 def manifest_head(
-    job: JobConfig, layout: DatasetLayout, cards: dict[str, list[dict[str, Any]]], created_at: str,
+    job: JobConfig, layout: DatasetLayout, cards: ModelCards, created_at: str,
 ) -> dict[str, Any]:
     """Everything in dataset.json but the units, their totals, the status and the runs."""
     config = job.public_dump()
@@ -145,7 +146,7 @@ def manifest_head(
 
 
 def write_manifest(
-    out: Location, head: dict[str, Any], unit_stats: Iterable[dict[str, Any]], units_planned: int,
+    out: Location, head: dict[str, Any], unit_stats: Iterable[UnitStats], units_planned: int,
     tail: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Stream dataset.json: `head`, one line per unit (inputs redacted), then the totals, the status

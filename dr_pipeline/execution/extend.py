@@ -34,6 +34,7 @@ import torch
 from dr_pipeline.core.config import JobConfig, parse_job
 from dr_pipeline.views.decode import decode_image
 from dr_pipeline.core.errors import ConfigError, DrGenError
+from dr_pipeline.core.records import ModelCards, UnitStats
 from dr_pipeline.execution.lease import OutputLease
 from dr_pipeline.dataset.manifest import (
     StatsSum,
@@ -162,7 +163,7 @@ def plan_extension(job: JobConfig, manifest: dict[str, Any]) -> Extension | None
     )
 
 
-def sidecar_layout(extension: Extension, cards: dict[str, list[dict[str, Any]]]) -> SidecarLayout:
+def sidecar_layout(extension: Extension, cards: ModelCards) -> SidecarLayout:
     """The columns the extension writes, from the new models' cards."""
     base = extension.base_layout
     num_texts = base.num_texts + extension.new_captions
@@ -243,7 +244,7 @@ def _extension_batches(
 def extend_unit(
     unit: Unit, extension: Extension, sidecar: SidecarLayout, caption_sizes: tuple[int, ...], worker: Any,
     tally: Any = None,
-) -> dict[str, Any]:
+) -> UnitStats:
     """Ray task: write and commit one unit's sidecar file; returns its stats (also the marker).
     Reports its rows so far to `tally` (progress.ProgressTally)."""
     torch.set_num_threads(1)
@@ -281,7 +282,7 @@ def extend_unit(
             report_progress(written, 0)
     if written != entry["samples"]:
         raise DrGenError(f"unit {unit.id}: wrote {written} sidecar rows for {entry['samples']} samples")
-    stats = {
+    stats: UnitStats = {
         "id": unit.id,
         "extension": extension.id,
         "node_id": ray.get_runtime_context().get_node_id(),
@@ -297,7 +298,7 @@ def extend_unit(
     return stats
 
 
-def _check_known_cards(manifest: dict[str, Any], described: dict[str, Any], extension: Extension) -> None:
+def _check_known_cards(manifest: dict[str, Any], described: ModelCards, extension: Extension) -> None:
     """OUT's teachers, loaded again for the new captions, must be the models OUT recorded."""
     recorded = {entry["id"]: entry["card"] for entry in manifest["teachers"]}
     for card in described["teachers"]:
@@ -309,8 +310,8 @@ def _check_known_cards(manifest: dict[str, Any], described: dict[str, Any], exte
 
 
 def write_extended_manifest(
-    out: Location, manifest: dict[str, Any], extension: Extension, cards: dict[str, list[dict[str, Any]]],
-    sidecar: SidecarLayout, units: list[Unit], sidecar_stats: dict[str, dict[str, Any]],
+    out: Location, manifest: dict[str, Any], extension: Extension, cards: ModelCards,
+    sidecar: SidecarLayout, units: list[Unit], sidecar_stats: dict[str, UnitStats],
     runs: list[dict[str, Any]],
 ) -> None:
     """dataset.json once the extension is committed: the combined dataset, its sidecars listed,
@@ -343,7 +344,7 @@ def extend_dataset(
         return _extend_planned(job, out, manifest, started, address, on_progress)
 
 
-def extend_unit_retrying(*args: Any) -> dict[str, Any]:
+def extend_unit_retrying(*args: Any) -> UnitStats:
     """Ray task: extend_unit, redone on transient storage errors (runner.with_storage_retries)."""
     return with_storage_retries(lambda: extend_unit(*args))
 

@@ -21,6 +21,7 @@ import ray
 from ray.autoscaler.sdk import request_resources
 
 from dr_pipeline.core.config import JobConfig
+from dr_pipeline.core.records import ModelCards
 
 WATCH_SECONDS = 1.0  # how often the cluster's nodes and resources are read again
 
@@ -79,7 +80,7 @@ class ModelActors:
         actors.grow()
         return actors
 
-    def wait_started(self) -> dict[str, Any]:
+    def wait_started(self) -> ModelCards:
         """Wait for the first `min` actors (a RayError if one fails to start); returns the
         cards of their models."""
         described = ray.get(self.first)

@@ -19,6 +19,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from dr_pipeline.core.records import UnitStats
 from dr_pipeline.dataset.manifest import StatsSum
 
 POLL_SECONDS = 0.5
@@ -102,7 +103,7 @@ class ProgressTracker:
         self.done_input_samples = 0
         self.units_failed = 0
 
-    def unit_done(self, stats: dict[str, Any]) -> None:
+    def unit_done(self, stats: UnitStats) -> None:
         self.units_done += 1
         self.done_input_samples += stats["input_samples"]
 

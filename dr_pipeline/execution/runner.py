@@ -22,6 +22,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from dr_pipeline.core.config import JobConfig, ResourcesConfig
 from dr_pipeline.core.errors import ConfigError, DatasetError, DrGenError, error_line
+from dr_pipeline.core.records import FailureRecord, ModelCards, UnitStats
 from dr_pipeline.sources.inputs import list_shards
 from dr_pipeline.execution.lease import OutputLease
 from dr_pipeline.dataset.manifest import (
@@ -102,7 +103,7 @@ def plan_output(job: JobConfig, overwrite: bool) -> tuple[Location, Plan]:
     return out, write_plan(out, job, make_plan(shards))
 
 
-def layout_for(job: JobConfig, cards: dict[str, list[dict[str, Any]]]) -> DatasetLayout:
+def layout_for(job: JobConfig, cards: ModelCards) -> DatasetLayout:
     return DatasetLayout(
         num_views=job.augmentation.num_views,
         embedding_dtype=job.output.embedding_dtype,
@@ -157,7 +158,7 @@ def model_results(
         yield from finish_oldest()
 
 
-def with_storage_retries(produce: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+def with_storage_retries(produce: Callable[[], UnitStats]) -> UnitStats:
     """A unit's stats from `produce()`, which is redone from scratch (with backoff, at most
     STORAGE_ATTEMPTS times) when a transient storage error escapes it, e.g. a connection dropped
     mid-shard; the stats returned (not the marker) count the storage retries of this unit."""
@@ -174,12 +175,12 @@ def with_storage_retries(produce: Callable[[], dict[str, Any]]) -> dict[str, Any
     return {**stats, "storage_retries": storage_retries() - retries_before}
 
 
-def process_unit(unit: Unit, job: JobConfig, models: list[Any], worker: Any, tally: Any = None) -> dict[str, Any]:
+def process_unit(unit: Unit, job: JobConfig, models: list[Any], worker: Any, tally: Any = None) -> UnitStats:
     """Ray task: produce and commit one unit, redone on transient storage errors; returns its stats."""
     return with_storage_retries(lambda: produce_unit(unit, job, models, worker, tally))
 
 
-def produce_unit(unit: Unit, job: JobConfig, models: list[Any], worker: Any, tally: Any = None) -> dict[str, Any]:
+def produce_unit(unit: Unit, job: JobConfig, models: list[Any], worker: Any, tally: Any = None) -> UnitStats:
     """Produce and commit one unit; returns its stats (also written as the marker).
 
     `models` holds, unresolved, the ref of the model actors' `describe()`: the task starts (and
@@ -196,7 +197,7 @@ def produce_unit(unit: Unit, job: JobConfig, models: list[Any], worker: Any, tal
     caption_sizes = caption_input_sizes(cards)
     for path in (unit.data_file(job.output.format), unit.failures_file, unit.stats_file):
         out.remove_stale_temps(path)
-    failures: list[dict[str, Any]] = []
+    failures: list[FailureRecord] = []
     written = 0
     clock = StageClock()
     report_progress = UnitReporter(tally, unit.id)
@@ -220,7 +221,7 @@ def produce_unit(unit: Unit, job: JobConfig, models: list[Any], worker: Any, tal
             written += len(samples)
             report_progress(written, len(failures))
     failures_info = out.write_bytes_atomic(failures_bytes(failures), unit.failures_file)
-    stats = {
+    stats: UnitStats = {
         "id": unit.id,
         "input": unit.input,
         "node_id": ray.get_runtime_context().get_node_id(),
@@ -258,7 +259,7 @@ def start_actors(job: JobConfig, worker_class: type = ModelWorker, worker_arg: A
     return ModelActors.start(job, worker_class, worker_arg)
 
 
-def started_cards(actors: ModelActors) -> dict[str, Any]:
+def started_cards(actors: ModelActors) -> ModelCards:
     """Wait for the first actors to be up; the cards of their models."""
     try:
         return actors.wait_started()
@@ -266,7 +267,7 @@ def started_cards(actors: ModelActors) -> dict[str, Any]:
         raise DrGenError(f"model actors failed to start: {error_line(error, part='last')}") from None
 
 
-def manifest_cards(manifest: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+def manifest_cards(manifest: dict[str, Any]) -> ModelCards:
     """The teacher and captioner cards a manifest records, as `describe()` gives them."""
     return {kind: [entry["card"] for entry in manifest[kind]] for kind in ("teachers", "captioners")}
 

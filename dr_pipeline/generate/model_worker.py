@@ -15,6 +15,7 @@ import torch
 
 from dr_pipeline.core.accelerator import Acceleration, teacher_batch_size, views_to_device
 from dr_pipeline.core.config import JobConfig, ResourcesConfig
+from dr_pipeline.core.records import ModelCards
 from dr_pipeline.generate.prepare import ViewBatch, caption_input_sizes, render_model_inputs
 from dr_pipeline.core.schema import transfer_dtype
 from dr_pipeline.core.seeding import derive_seed
@@ -69,7 +70,7 @@ class ModelWorker:
             for config, teacher in zip(job.teachers, self.teachers)
         ]
 
-    def describe(self) -> dict[str, Any]:
+    def describe(self) -> ModelCards:
         """Cards of the loaded models, as the manifest records them."""
         return {
             "node_id": ray.get_runtime_context().get_node_id() if ray.is_initialized() else None,

@@ -17,7 +17,7 @@ import torch
 
 from dr_pipeline.views.augment import center_view_params, render_views, render_views_tensor, sample_views
 from dr_pipeline.core.config import AugmentationConfig, JobConfig
-from dr_pipeline.core.records import ViewParams
+from dr_pipeline.core.records import FailureRecord, ModelCards, ViewParams
 from dr_pipeline.views.decode import ImageRejected, decode_image
 from dr_pipeline.sources.inputs import InputFailure, RawSample, iter_shard
 from dr_pipeline.core.schema import safe_key, sample_uid
@@ -70,7 +70,7 @@ class ViewBatch:
         )
 
 
-def caption_input_sizes(cards: dict[str, Any]) -> tuple[int, ...]:
+def caption_input_sizes(cards: ModelCards) -> tuple[int, ...]:
     """The input sizes centre views are rendered at, one per distinct captioner input size."""
     return tuple(sorted({c["input_size"] for c in cards["captioners"]}))
 
@@ -94,7 +94,7 @@ def render_model_inputs(
 @dataclass
 class PreparedBatch:
     samples: list[PreparedSample] = field(default_factory=list)
-    failures: list[dict[str, Any]] = field(default_factory=list)
+    failures: list[FailureRecord] = field(default_factory=list)
     views: list[torch.Tensor] = field(default_factory=list)
     caption_views: dict[int, list[torch.Tensor]] = field(default_factory=dict)
     render_on_model: bool = False  # keep the originals and parameters for the model actor to render
@@ -131,7 +131,7 @@ class PreparedBatch:
         return ViewBatch(keys=keys, texts=texts, **self.stacked_views())
 
 
-def failure_record(key: str, reason: str, detail: str) -> dict[str, Any]:
+def failure_record(key: str, reason: str, detail: str) -> FailureRecord:
     return {"key": key, "reason": reason, "detail": detail}
 
 
