@@ -8,7 +8,8 @@ They sit at the bottom of the layers so that everything that only reads or check
 - `TeacherCard`, `CaptionerCard`: how a model's embeddings or captions were produced, as
   the manifest records them (built by the adapters in `teachers/`).
 - `UnitStats` (the `UNIT.stats.json` completion marker), `FileRecord` (one committed file)
-  and `FailureRecord` (one line of `UNIT.failures.jsonl`): JSON objects, typed as TypedDicts so
+  and `FailureRecord` (one line of `UNIT.failures.jsonl`), `Totals` (the manifest's totals) and
+  `ViewRecord` (a stored `ViewParams`): JSON objects, typed as TypedDicts so
   they stay the very dicts that are written and read, byte for byte.
 """
 
@@ -26,6 +27,20 @@ RAND_AUGMENT_OPS: tuple[str, ...] = tuple(op["name"] for op in load_spec()["rand
 VIEW_RESIZE = "bicubic"
 """How views whose size differs from a model's input size are resized (antialiased, in
 float, clamped to [0, 255]); recorded in every card so a replay can do the same."""
+
+
+class RandAugmentOpRecord(TypedDict):
+    op: int
+    magnitude: float
+
+
+class ViewRecord(TypedDict):
+    """One view's parameters as stored: an element of the "aug" column, an entry of aug.json."""
+
+    crop: list[int]
+    flip: bool
+    rand_augment: list[RandAugmentOpRecord] | None
+    erase: list[int] | None
 
 
 @dataclass(frozen=True)
@@ -52,7 +67,7 @@ class ViewParams:
             if not 0 <= op < len(RAND_AUGMENT_OPS):
                 raise ValueError(f"RandAugment op index {op} outside 0..{len(RAND_AUGMENT_OPS) - 1}")
 
-    def to_record(self) -> dict[str, Any]:
+    def to_record(self) -> ViewRecord:
         """The value of one element of the schema's "aug" list<struct> column."""
         return {
             "crop": list(self.crop),
@@ -64,7 +79,7 @@ class ViewParams:
         }
 
     @classmethod
-    def from_record(cls, record: dict[str, Any]) -> ViewParams:
+    def from_record(cls, record: ViewRecord) -> ViewParams:
         """Inverse of to_record; also takes pyarrow's to_pylist output and parsed aug.json."""
         rand_augment = record["rand_augment"]
         erase = record["erase"]
@@ -175,6 +190,18 @@ class FailureRecord(TypedDict):
     key: str
     reason: str
     detail: str
+
+
+class Totals(TypedDict):
+    """The manifest's "totals": sums over the committed units' stats markers."""
+
+    units_planned: int
+    units_done: int
+    input_samples: int
+    samples: int
+    failures: int
+    bytes: int
+    failures_by_reason: dict[str, int]
 
 
 class UnitStats(TypedDict):

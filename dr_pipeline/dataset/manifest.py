@@ -20,7 +20,7 @@ from typing import Any, Iterable, Iterator
 from dr_pipeline import __version__
 from dr_pipeline.core.config import JobConfig
 from dr_pipeline.core.errors import DatasetError, error_line
-from dr_pipeline.core.records import ModelCards, UnitStats
+from dr_pipeline.core.records import ModelCards, Totals, UnitStats
 from dr_pipeline.dataset.plan import DATA_DIR, Unit
 from dr_pipeline.core.schema import SCHEMA_VERSION, DatasetLayout, validate_manifest
 from dr_pipeline.core.storage import Location, redact_url
@@ -95,14 +95,14 @@ class StatsSum:
             self.units_by_node[stats["node_id"]] += 1
         self.storage_retries += stats.get("storage_retries", 0)
 
-    def totals(self, units_planned: int) -> dict[str, Any]:
+    def totals(self, units_planned: int) -> Totals:
         """The manifest's "totals"."""
         return {"units_planned": units_planned, "units_done": self.units, "input_samples": self.input_samples,
                 "samples": self.samples, "failures": self.failures, "bytes": self.bytes,
                 "failures_by_reason": dict(sorted(self.failures_by_reason.items()))}
 
 
-def totals(units_planned: int, unit_stats: Iterable[UnitStats]) -> dict[str, Any]:
+def totals(units_planned: int, unit_stats: Iterable[UnitStats]) -> Totals:
     summed = StatsSum()
     for stats in unit_stats:
         summed.add(stats)
@@ -148,7 +148,7 @@ def manifest_head(
 def write_manifest(
     out: Location, head: dict[str, Any], unit_stats: Iterable[UnitStats], units_planned: int,
     tail: dict[str, Any] | None = None,
-) -> dict[str, Any]:
+) -> Totals:
     """Stream dataset.json: `head`, one line per unit (inputs redacted), then the totals, the status
     and `tail` ("runs", "extensions"). Checked against the manifest schema (with the first unit
     standing for all: every entry is a stats marker written by the same code) before it replaces
