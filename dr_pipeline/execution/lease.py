@@ -24,7 +24,7 @@ import time
 import uuid
 from typing import Any
 
-from dr_pipeline.core.errors import ConfigError, DrGenError
+from dr_pipeline.core.errors import ConfigError, DrGenError, error_line
 from dr_pipeline.core.storage import Location, redact_url
 
 LEASE_FILE = "lease.json"
@@ -110,8 +110,7 @@ class OutputLease:
         try:
             self.out.write_json_atomic(self._record(), LEASE_FILE)
         except Exception as error:  # any backend error means the same thing to the user
-            lines = [line for line in str(error).splitlines() if line.strip()]
-            detail = f"{type(error).__name__}: {lines[-1].strip()}" if lines else type(error).__name__
+            detail = error_line(error, part="last", with_type=True)
             raise ConfigError(f"output {redact_url(self.out.url())} is not writable ({detail})") from None
         time.sleep(SETTLE_SECONDS)
         holder = self._current()

@@ -21,6 +21,8 @@ from typing import Iterator
 
 from rich.console import Console
 
+from dr_pipeline.core.errors import error_line
+
 LOG_DIR_ENV = "DR_GEN_LOG_DIR"
 
 
@@ -73,7 +75,7 @@ def library_output_to_log(command: str, consoles: list[Console], announce: Conso
             exit_code = 1
             named_in_error = True
             error = sys.exc_info()[1]
-            announce.print(f"error: {_last_line(error)} (details in {path})", markup=False, highlight=False,
+            announce.print(f"error: {error_line(error, part='last')} (details in {path})", markup=False, highlight=False,
                            soft_wrap=True)
             raise typer.Exit(1) from None
         finally:
@@ -103,8 +105,3 @@ def _stream_for(stream, fd: int, saved_fd: int):
     except (AttributeError, OSError, ValueError):
         return None
     return os.fdopen(os.dup(saved_fd), "w", buffering=1, encoding="utf-8", errors="replace")
-
-
-def _last_line(error: BaseException) -> str:
-    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
-    return lines[-1] if lines else type(error).__name__
