@@ -22,7 +22,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from dr_pipeline.core.config import JobConfig, ResourcesConfig
 from dr_pipeline.core.errors import ConfigError, DatasetError, DrGenError
-from dr_pipeline.sources.inputs import list_shards
+from dr_pipeline.sources.listing import list_shards
 from dr_pipeline.execution.lease import OutputLease
 from dr_pipeline.dataset.manifest import (
     MANIFEST_FILE,

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from PIL import ExifTags, Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from dr_pipeline.sources.inputs import error_summary
+from dr_pipeline.sources.records import error_summary
 
 Image.init()
 WEB_IMAGE_FORMATS = tuple(
