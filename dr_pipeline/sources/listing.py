@@ -31,7 +31,8 @@ def list_shards(config: InputConfig) -> list[str]:
 
     Brace patterns are expanded first, then glob characters (* ? [) are matched
     on the filesystem. A folder stands for its shards (the files whose name an
-    input format recognises). Which literal URLs are checked, so that a typo fails
+    input format recognises): a local one, a remote prefix (s3://bucket/prefix,
+    with or without its trailing slash) or an http(s) folder listing page. Which literal URLs are checked, so that a typo fails
     here rather than as thousands of failures later:
     - local files: every one (a stat costs microseconds);
     - other filesystems: the first and the last URL of each pattern, which
@@ -115,12 +116,16 @@ def _remote_matches(pattern: str, urls: list[str], fs: fsspec.AbstractFileSystem
 
 def _remote_kind(fs: fsspec.AbstractFileSystem, url: str) -> str | None:
     """"file" or "directory" as the store says (no cached listing), None when absent; a
-    transient error is retried, never taken for "absent"."""
+    transient error is retried, never taken for "absent". On http(s), a URL that answers with
+    an HTML page is a folder listing (a web server's index of a folder): fsspec lists its links."""
     def probe() -> str | None:
         try:
-            return fresh(fs, url).info(url).get("type", "file")
+            info = fresh(fs, url).info(url)
         except (FileNotFoundError, NotADirectoryError):  # the latter: a parent is a file
             return None
+        if "http" in fs.protocol and info.get("mimetype") == "text/html":
+            return "directory"
+        return info.get("type", "file")
 
     return retrying(probe)
 
