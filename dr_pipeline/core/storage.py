@@ -309,14 +309,27 @@ def redact_url(url: str) -> str:
 class RetryingReader:
     """A read-only file that survives transient storage errors: it reopens the file and seeks
     back to where it was (each time counted as a retry), so a connection dropped in the middle
-    of a large shard costs one request, not the shard."""
+    of a large shard costs one request, not the shard.
+
+    It also remembers the storage error that got through (`storage_error`): parsers such as
+    pyarrow report corrupt data as OSError too, so a parse error whose cause was storage must
+    be told apart from a bad file (`raise_storage_error`) and propagate rather than be
+    recorded as one."""
 
     def __init__(self, opener: Callable[[], BinaryIO]):
         self._opener = opener
         self._file = retrying(opener)
         self._position = 0
+        self.storage_error: BaseException | None = None
 
     def _call(self, method: str, *args: Any) -> Any:
+        try:
+            return self._retried(method, *args)
+        except Exception as error:
+            self.storage_error = error
+            raise
+
+    def _retried(self, method: str, *args: Any) -> Any:
         for attempt in range(1, STORAGE_ATTEMPTS + 1):
             try:
                 return getattr(self._file, method)(*args)
@@ -328,6 +341,11 @@ class RetryingReader:
             self._file = retrying(self._opener)  # the broken one holds no more than a buffer: left to the GC
             self._file.seek(self._position)
         raise AssertionError("unreachable")
+
+    def raise_storage_error(self) -> None:
+        """Raise the storage error a read or seek let through, if one did."""
+        if self.storage_error is not None:
+            raise self.storage_error
 
     def read(self, size: int = -1) -> bytes:
         data = self._call("read", size)

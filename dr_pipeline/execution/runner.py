@@ -23,7 +23,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from dr_pipeline.core.config import JobConfig, ResourcesConfig
 from dr_pipeline.core.errors import ConfigError, DatasetError, DrGenError, error_line
 from dr_pipeline.core.records import FailureRecord, ModelCards, UnitStats
-from dr_pipeline.sources.inputs import list_shards
+from dr_pipeline.sources.listing import list_shards
 from dr_pipeline.execution.lease import OutputLease
 from dr_pipeline.dataset.manifest import (
     MANIFEST_FILE,

@@ -19,7 +19,8 @@ from dr_pipeline.views.augment import center_view_params, render_views, render_v
 from dr_pipeline.core.config import AugmentationConfig, JobConfig
 from dr_pipeline.core.records import FailureRecord, ModelCards, ViewParams
 from dr_pipeline.views.decode import ImageRejected, decode_image
-from dr_pipeline.sources.inputs import InputFailure, RawSample, iter_shard
+from dr_pipeline.sources.records import InputFailure, RawSample
+from dr_pipeline.sources.shards import iter_shard
 from dr_pipeline.core.schema import safe_key, sample_uid
 from dr_pipeline.core.timing import StageClock
 

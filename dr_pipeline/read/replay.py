@@ -22,7 +22,8 @@ from dr_pipeline.views.augment import render_view, render_views
 from dr_pipeline.core.config import InputConfig, JobConfig
 from dr_pipeline.views.decode import decode_image
 from dr_pipeline.core.errors import DatasetError
-from dr_pipeline.sources.inputs import InputFailure, RawSample, iter_shard
+from dr_pipeline.sources.records import InputFailure, RawSample
+from dr_pipeline.sources.shards import iter_shard
 from dr_pipeline.dataset.plan import read_plan
 from dr_pipeline.read.reader import ROWS_PER_BATCH, ReinforcedDataset, RowBatch
 from dr_pipeline.core.schema import DatasetLayout, safe_key

@@ -18,7 +18,9 @@ import torch
 
 from dr_pipeline.core.config import JobConfig, parse_job
 from dr_pipeline.core.errors import ConfigError
-from dr_pipeline.sources.inputs import RawSample, iter_shard, list_shards
+from dr_pipeline.sources.listing import list_shards
+from dr_pipeline.sources.records import RawSample
+from dr_pipeline.sources.shards import iter_shard
 from dr_pipeline.tools.sample_data import SampleRecord, write_tar_shards
 
 

@@ -1,8 +1,9 @@
 """`dr-gen plan`: what a job will cost before any of it runs.
 
-Input shards are listed as `run` lists them (inputs.list_shards). Samples are
-counted from what is cheap to read, on at most COUNTED_SHARDS shards spread
-evenly over the listing, and extrapolated to the rest:
+Input shards are listed as `run` lists them (sources.listing). Samples are
+counted by the input format's own module (the sources.formats registry), reading
+through the storage layer's retried reader, from what is cheap to read, on at most
+COUNTED_SHARDS shards spread evenly over the listing, and extrapolated to the rest:
 - parquet: the row count in each counted shard's footer;
 - webdataset tars: img2dataset's `NAME_stats.json` beside the shard ("successes"), else
   the shard's member index (headers only); a shard without stats is indexed, never the
@@ -18,30 +19,22 @@ embedding bytes are exact, the rest is estimated from the input.
 
 from __future__ import annotations
 
-import json
 import re
 import tarfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Callable
 
-import fsspec
 import numpy as np
-import pyarrow.parquet as pq
 from rich.console import Console
 from rich.table import Table
-from webdataset.tariterators import base_plus_ext
 
 from dr_pipeline.core.config import InputConfig, JobConfig
 from dr_pipeline.core.errors import ConfigError
-from dr_pipeline.sources.inputs import (
-    PARQUET_IMAGE_COLUMNS,
-    PARQUET_TEXT_COLUMNS,
-    TAR_IMAGE_SUFFIXES,
-    detect_format,
-    list_shards,
-)
+from dr_pipeline.sources.formats import ShardCount
+from dr_pipeline.sources.listing import list_shards
+from dr_pipeline.sources.shards import detect_format
 from dr_pipeline.execution.runner import check_job
 from schemas import load_spec
 from teachers import model_cost
@@ -73,7 +66,6 @@ ASSUMED_CAPTION_BYTES = 60
 ASSUMED_METADATA_BYTES = 200
 """key, source key, url, image format, size and sha256 of one sample."""
 _READERS = 16  # shards read at once: counting is I/O-bound
-_TAR_NAME = re.compile(r"\.(tar|tar\.gz|tgz)$", re.IGNORECASE)
 
 
 @dataclass
@@ -133,78 +125,29 @@ def _spread(count: int, wanted: int) -> list[int]:
     return sorted(set(np.linspace(0, count - 1, wanted).round().astype(int).tolist()))
 
 
-def _parquet_counts(url: str, config: InputConfig) -> tuple[int, float | None, float | None]:
-    """(rows, image bytes, caption bytes) from the footer: uncompressed sizes of the column chunks."""
-    with fsspec.open(url, "rb", **config.storage_options) as handle:
-        metadata = pq.ParquetFile(handle).metadata
-    names = [metadata.schema.column(i).path.split(".")[0] for i in range(metadata.num_columns)]
-    image_column = config.image_column or next((c for c in PARQUET_IMAGE_COLUMNS if c in names), None)
-    text_column = config.text_column or next((c for c in PARQUET_TEXT_COLUMNS if c in names), None)
-    sizes = {name: 0 for name in names}
-    for group in range(metadata.num_row_groups):
-        row_group = metadata.row_group(group)
-        for i in range(row_group.num_columns):
-            sizes[names[i]] += row_group.column(i).total_uncompressed_size
-    return metadata.num_rows, sizes.get(image_column), sizes.get(text_column)
-
-
-def _img2dataset_successes(url: str, config: InputConfig) -> int | None:
-    """Samples in a tar according to img2dataset's stats file beside it; None when there is none."""
-    stats_url = _TAR_NAME.sub("_stats.json", url)
-    if stats_url == url:
-        return None
-    try:
-        with fsspec.open(stats_url, "rb", **config.storage_options) as handle:
-            return int(json.load(handle)["successes"])
-    except (FileNotFoundError, KeyError, ValueError, TypeError):
-        return None
-
-
-def _tar_index(url: str, config: InputConfig) -> tuple[int, float | None, float | None]:
-    """(samples, image bytes, caption bytes) of one tar from its member headers only."""
-    image_suffixes = {config.image_column} if config.image_column else set(TAR_IMAGE_SUFFIXES)
-    text_suffix = config.text_column or "txt"
-    keys: set[str] = set()
-    image_bytes = text_bytes = 0
-    with fsspec.open(url, "rb", **config.storage_options) as handle, tarfile.open(fileobj=handle, mode="r:*") as tar:
-        for member in tar:
-            if not member.isreg():
-                continue
-            key, suffix = base_plus_ext(member.name)
-            if key is None:
-                continue
-            keys.add(key)
-            suffix = suffix.lower()
-            if suffix in image_suffixes:
-                image_bytes += member.size
-            elif suffix == text_suffix:
-                text_bytes += member.size
-    return len(keys), image_bytes, text_bytes or None
-
-
 def survey_input(config: InputConfig, counted_shards: int = COUNTED_SHARDS) -> InputSurvey:
+    """The input's shards, counted as its format (sources.formats) counts them: every picked
+    shard cheaply, then the format's reading count on at most INDEXED_SHARDS of those the cheap
+    count says nothing of."""
     started = time.perf_counter()
     shards = list_shards(config)
     listed = time.perf_counter()
     shard_format = detect_format(shards[0], config)
     picked = [shards[i] for i in _spread(len(shards), counted_shards)]
-    counts: list[tuple[int, float | None, float | None]] = []
     with ThreadPoolExecutor(_READERS) as pool:
-        if shard_format == "parquet":
-            source = "parquet footer row counts"
-            counts = [c for c in pool.map(lambda url: _try(_parquet_counts, url, config), picked) if c]
-        else:
-            successes = list(pool.map(lambda url: _img2dataset_successes(url, config), picked))
-            without_stats = [url for url, s in zip(picked, successes) if s is None]
-            indexed = [without_stats[i] for i in _spread(len(without_stats), INDEXED_SHARDS)]
-            picked = [url for url, s in zip(picked, successes) if s is not None] + indexed
-            counts = [(s, None, None) for s in successes if s is not None]
-            counts += [c for c in pool.map(lambda url: _try(_tar_index, url, config), indexed) if c]
+        cheap = list(pool.map(lambda url: _try(shard_format.count_cheaply, url, config), picked))
+        counts = [count for count in cheap if count]
+        source = shard_format.cheap_count_source
+        if shard_format.count_by_reading is not None:
+            uncounted = [url for url, count in zip(picked, cheap) if count is None]
+            indexed = [uncounted[i] for i in _spread(len(uncounted), INDEXED_SHARDS)]
+            picked = [url for url, count in zip(picked, cheap) if count is not None] + indexed
+            counts += [c for c in pool.map(lambda url: _try(shard_format.count_by_reading, url, config), indexed) if c]
             source = " and ".join(part for part, used in (
-                ("img2dataset stats files", len(picked) > len(indexed)), ("member indexes", bool(indexed))) if used)
+                (source, len(picked) > len(indexed)), (shard_format.reading_count_source, bool(indexed))) if used)
     if not counts:
         raise ConfigError(f"cannot count the input's samples: none of {len(picked)} shards read could be opened")
-    rows = [c[0] for c in counts]
+    rows = [c.samples for c in counts]
     exact = len(counts) == len(shards)
     if exact:
         samples, method = sum(rows), f"exact: {source} of all {len(shards)} shards"
@@ -214,11 +157,11 @@ def survey_input(config: InputConfig, counted_shards: int = COUNTED_SHARDS) -> I
         method = (f"estimate: {source} of {len(counts)} of {len(shards)} shards{unread}, "
                   f"{np.mean(rows):.1f} samples per shard extrapolated")
     total_rows = sum(rows) or 1
-    image_sizes = [c[1] for c in counts if c[1] is not None]
-    caption_sizes = [c[2] for c in counts if c[2] is not None]
+    image_sizes = [c.image_bytes for c in counts if c.image_bytes is not None]
+    caption_sizes = [c.caption_bytes for c in counts if c.caption_bytes is not None]
     return InputSurvey(
         shards=len(shards),
-        format=shard_format,
+        format=shard_format.name,
         samples=samples,
         exact=exact,
         method=method,
@@ -229,10 +172,10 @@ def survey_input(config: InputConfig, counted_shards: int = COUNTED_SHARDS) -> I
     )
 
 
-def _try(read: Any, url: str, config: InputConfig) -> Any:
+def _try(count: Callable[[str, InputConfig], ShardCount | None], url: str, config: InputConfig) -> ShardCount | None:
     """A shard that cannot be read is left out of the count (the survey says how many)."""
     try:
-        return read(url, config)
+        return count(url, config)
     except (OSError, tarfile.TarError, ValueError):
         return None
 

@@ -31,7 +31,8 @@ from dr_pipeline.core.config import parse_job
 from dr_pipeline.views.decode import decode_image
 from dr_pipeline.core.errors import ConfigError
 from dr_pipeline.execution.extend import extend_dataset
-from dr_pipeline.sources.inputs import InputFailure, iter_shard
+from dr_pipeline.sources.records import InputFailure
+from dr_pipeline.sources.shards import iter_shard
 from dr_pipeline.read.reader import open_dataset
 from dr_pipeline.execution.runner import run_job
 from dr_pipeline.core.schema import safe_key

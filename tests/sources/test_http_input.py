@@ -12,6 +12,8 @@ import pytest
 from typer.testing import CliRunner
 
 from dr_pipeline.cli import app
+from dr_pipeline.core.config import InputConfig
+from dr_pipeline.sources.listing import list_shards
 from dr_pipeline.tools.sample_data import write_sample_data
 
 pytestmark = pytest.mark.usefixtures("local_ray")
@@ -78,3 +80,13 @@ def test_run_reads_http_shards_and_the_dataset_is_inspected_and_validated_over_h
     assert "18" in out and "tiny_vit_32" in out
     code, out, err = _cli(["validate", f"{base}/out"])
     assert code == 0, out + err
+
+
+def test_an_http_folder_listing_is_listed_like_the_local_folder(served):
+    """A web server's index page of a folder stands for its shards, as the folder itself does."""
+    root, base = served
+    local = list_shards(InputConfig(urls=f"{root}/shards"))
+    expected = [shard.replace(str(root), base) for shard in local]
+    assert len(local) == 3
+    for folder in (f"{base}/shards/", f"{base}/shards"):
+        assert list_shards(InputConfig(urls=folder)) == expected, folder

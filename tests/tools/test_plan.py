@@ -1,9 +1,13 @@
 """`dr-gen plan`: FLOPs formulas against torch's FLOP counter, sample counting per input kind, speed on
 a 100k-shard listing, and no model loaded."""
 
+import dataclasses
+import errno
+import io
 import json
 import shutil
 import tarfile
+from types import SimpleNamespace
 
 import fsspec
 import open_clip
@@ -15,6 +19,9 @@ from typer.testing import CliRunner
 
 from dr_pipeline.cli import app
 from dr_pipeline.core.config import CaptionerConfig, InputConfig, SamplerConfig
+from dr_pipeline.core.storage import storage_retries
+from dr_pipeline.sources.formats import INPUT_FORMATS, ShardCount
+from dr_pipeline.sources.formats import base as formats_base
 from dr_pipeline.tools.estimate import GPU_PEAK_TFLOPS, survey_input
 from dr_pipeline.read.reader import open_dataset
 from tests.sample_parquet import write_sample_parquet
@@ -146,3 +153,42 @@ def test_a_100k_shard_listing_is_planned_from_two_checks_and_16_stats_files():
 def test_plan_refuses_an_unknown_gpu(job_file):
     result = CliRunner().invoke(app, ["plan", str(job_file), "--gpu", "abacus"])
     assert result.exit_code == 2 and "unknown GPU 'abacus'" in result.stderr
+
+
+def test_plan_counts_through_the_input_format_registry(monkeypatch, sample_shards):
+    """survey_input has no counting of its own: what the registered format counts is what plan says."""
+    counted = []
+
+    def count(url, config):
+        counted.append(url)
+        return ShardCount(7, 700.0, 70.0)
+
+    webdataset = dataclasses.replace(INPUT_FORMATS["webdataset"], count_cheaply=count, cheap_count_source="test counts")
+    monkeypatch.setitem(INPUT_FORMATS, "webdataset", webdataset)
+    survey = survey_input(InputConfig(urls=sample_shards))
+    assert sorted(counted) == sorted(sample_shards)
+    assert (survey.format, survey.samples, survey.exact) == ("webdataset", 21, True)
+    assert survey.method == "exact: test counts of all 3 shards"
+    assert (survey.image_bytes, survey.caption_bytes) == (100.0, 10.0)
+
+
+def test_plan_reads_counts_through_the_retried_storage_path(tmp_path, monkeypatch):
+    """A connection dropped while a parquet footer is read is retried (and counted), not an unreadable shard."""
+    url = write_sample_parquet(str(tmp_path / "samples.parquet"))
+    data = (tmp_path / "samples.parquet").read_bytes()
+    opened = []
+
+    class DroppingOnce(io.BytesIO):
+        def read(self, size=-1):
+            if len(opened) == 1:
+                raise ConnectionResetError(errno.ECONNRESET, "Connection reset by peer")
+            return super().read(size)
+
+    def open_file(path, mode, **options):
+        return SimpleNamespace(open=lambda: opened.append(path) or DroppingOnce(data))
+
+    monkeypatch.setattr(formats_base.fsspec, "open", open_file)
+    before = storage_retries()
+    survey = survey_input(InputConfig(urls=url))
+    assert (survey.samples, survey.exact, len(opened)) == (20, True, 2)
+    assert storage_retries() - before == 1

@@ -18,7 +18,9 @@ import pytest
 from PIL import Image
 
 from dr_pipeline.core.config import InputConfig, parse_job
-from dr_pipeline.sources.inputs import InputFailure, RawSample, iter_shard, list_shards
+from dr_pipeline.sources.listing import list_shards
+from dr_pipeline.sources.records import InputFailure, RawSample
+from dr_pipeline.sources.shards import iter_shard
 
 FAILED = {
     "000000001": ("failed_to_download", "HTTP Error 404: Not Found"),
