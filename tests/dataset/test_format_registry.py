@@ -20,6 +20,7 @@ from dr_pipeline.core.storage import Location
 from dr_pipeline.dataset.formats import FORMATS, format_for, open_unit_writer, register_format
 from dr_pipeline.dataset.formats.base import DatasetFormat
 from dr_pipeline.dataset.formats.parquet import ParquetFormat, fixed_size_matrix
+from dr_pipeline.dataset.manifest import totals
 from dr_pipeline.dataset.plan import Unit
 from dr_pipeline.read.reader import open_dataset
 from dr_pipeline.tools.validate import validate_dataset
@@ -92,7 +93,7 @@ def _stored_columns(path: str, layout: Any) -> dict[str, Any]:
 
 def _rewrite_unit(out: Location, manifest: dict[str, Any], index: int, columns: dict[str, Any], layout: Any) -> None:
     """Write one unit's columns in the manifest's format, in two batches, and record the file
-    in dataset.json's entry and the unit's stats marker alike."""
+    in dataset.json (the unit's entry, the totals) and the unit's stats marker alike."""
     entry = manifest["units"][index]
     unit = Unit(entry["id"], entry["input"])
     output = OutputConfig(url=out.url(), format=manifest["format"])
@@ -104,6 +105,7 @@ def _rewrite_unit(out: Location, manifest: dict[str, Any], index: int, columns: 
     marker = out.read_json(unit.stats_file)
     marker["files"]["data"] = committed[0].to_dict()
     out.write_json_atomic(marker, unit.stats_file)
+    manifest["totals"] = totals(manifest["totals"]["units_planned"], manifest["units"])
     out.write_json_atomic(manifest, "dataset.json")
 
 

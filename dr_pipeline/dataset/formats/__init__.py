@@ -9,12 +9,12 @@ under an older name (`core.config.FORMAT_RECORDED_AS`), which `format_for` also 
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator
+from typing import Iterator
 
 from dr_pipeline.core.config import FORMAT_RECORDED_AS, OutputConfig
 from dr_pipeline.core.errors import ConfigError
 from dr_pipeline.core.storage import FileInfo, Location
-from dr_pipeline.dataset.formats.base import DatasetFormat, UnitWriter
+from dr_pipeline.dataset.formats.base import DatasetFormat, FileLayout, UnitWriter
 from dr_pipeline.dataset.formats.parquet import ParquetFormat
 from dr_pipeline.dataset.formats.webdataset import WebDatasetFormat
 
@@ -42,7 +42,7 @@ def format_for(name: str) -> DatasetFormat:
 
 @contextlib.contextmanager
 def open_unit_writer(
-    out: Location, relative_path: str, layout: Any, output: OutputConfig
+    out: Location, relative_path: str, layout: FileLayout, output: OutputConfig
 ) -> Iterator[tuple[UnitWriter, list[FileInfo]]]:
     """A writer of one unit's file (data or sidecar: `layout`) in the output's format, streamed into
     a temporary file renamed into place only when the whole unit is written; after the block, the

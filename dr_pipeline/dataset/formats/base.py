@@ -112,8 +112,8 @@ class DatasetFormat(ABC):
     suffix: str
 
     @abstractmethod
-    def open_writer(self, sink: BinaryIO, layout: Any, keep_images: bool) -> UnitWriter:
-        """A writer of one unit's file into `sink` (layout: a `FileLayout`)."""
+    def open_writer(self, sink: BinaryIO, layout: FileLayout, keep_images: bool) -> UnitWriter:
+        """A writer of one unit's file into `sink`; `keep_images`: with the original images."""
 
     @abstractmethod
     def rows(self, handle: BinaryIO, layout: FileLayout, array_names: set[str]) -> Iterator[dict[str, Any]]:

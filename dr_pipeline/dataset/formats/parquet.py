@@ -107,7 +107,7 @@ class ParquetFormat(DatasetFormat):
     name = "parquet"
     suffix = "parquet"
 
-    def open_writer(self, sink: BinaryIO, layout: Any, keep_images: bool) -> ParquetUnitWriter:
+    def open_writer(self, sink: BinaryIO, layout: FileLayout, keep_images: bool) -> ParquetUnitWriter:
         return ParquetUnitWriter(sink, layout)
 
     def rows(self, handle: BinaryIO, layout: FileLayout, array_names: set[str]) -> Iterator[dict[str, Any]]:

@@ -96,7 +96,7 @@ class WebDatasetFormat(DatasetFormat):
     name = "webdataset"
     suffix = "tar"
 
-    def open_writer(self, sink: BinaryIO, layout: Any, keep_images: bool) -> WebDatasetUnitWriter:
+    def open_writer(self, sink: BinaryIO, layout: FileLayout, keep_images: bool) -> WebDatasetUnitWriter:
         return WebDatasetUnitWriter(sink, layout, keep_images)
 
     def rows(self, handle: BinaryIO, layout: FileLayout, array_names: set[str]) -> Iterator[dict[str, Any]]:
