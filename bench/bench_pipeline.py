@@ -50,7 +50,8 @@ from dr_pipeline.execution.runner import layout_for, run_job
 from dr_pipeline.tools.sample_data import write_sample_data
 from dr_pipeline.core.storage import Location
 from dr_pipeline.core.timing import StageClock
-from dr_pipeline.dataset.writers import open_unit_writer, unit_columns
+from dr_pipeline.dataset.formats import open_unit_writer
+from dr_pipeline.generate.columns import unit_columns
 
 ROOT = Path(__file__).resolve().parent.parent
 

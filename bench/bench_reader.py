@@ -56,7 +56,8 @@ from dr_pipeline.read.replay import unit_rows_with_images
 from dr_pipeline.execution.runner import run_job
 from dr_pipeline.tools.sample_data import write_sample_data
 from dr_pipeline.read.torch_dataset import ReinforcedTorchDataset
-from dr_pipeline.dataset.writers import ROW_GROUP_ROWS, dictionary_columns
+from dr_pipeline.dataset.formats import format_for
+from dr_pipeline.dataset.formats.parquet import ROW_GROUP_ROWS, ParquetFormat, dictionary_columns
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -207,7 +208,7 @@ def parquet_encodings(dataset: ReinforcedDataset, scratch: str, seconds: float) 
         array_names = set(dataset.layout.stored_arrays())
 
         def one_pass(epoch: int) -> int:
-            batches = file_batches(dataset.location, path, "arrow", [], table.schema, array_names, ROWS_PER_BATCH)
+            batches = file_batches(dataset.location, path, "parquet", dataset.layout, array_names, ROWS_PER_BATCH)
             return sum(columns.num_rows for columns, _ in batches)
 
         rates.append(per_second(one_pass, seconds))
@@ -256,7 +257,7 @@ def main() -> None:
             widened = per_second(rows_after(dataset, widen=True), args.seconds)
             print(f"  raw rows/s per core: before {before:9.0f}   after {after:9.0f} ({after / before:.1f}x)   "
                   f"after, every embedding widened to float32 {widened:9.0f} ({widened / before:.1f}x)")
-            if dataset.manifest["format"] == "arrow":
+            if isinstance(format_for(dataset.manifest["format"]), ParquetFormat):
                 dictionary, plain = parquet_encodings(dataset, scratch, args.seconds)
                 print(f"  one unit's file, batched reader: dictionary on every column (writer before) {dictionary:9.0f} "
                       f"rows/s   none on float embeddings (writer now) {plain:9.0f} rows/s ({plain / dictionary:.1f}x)")

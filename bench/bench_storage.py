@@ -30,7 +30,7 @@ from dr_pipeline.core.config import TeacherConfig, load_job
 from dr_pipeline.execution.runner import layout_for
 from dr_pipeline.core.schema import DatasetLayout, from_storage, quantize_int8, storage_columns, transfer_dtype
 from dr_pipeline.core.storage import Location
-from dr_pipeline.dataset.writers import open_unit_writer
+from dr_pipeline.dataset.formats import open_unit_writer
 from dr_pipeline.generate.model_worker import to_storage
 from teachers import build_teacher, model_cost
 
@@ -101,10 +101,10 @@ def main() -> None:
     k, s = job.augmentation.num_views, job.num_captions
     published = (k + 1 + s) * sum(dims) * 4
     print(f"{job.name}: teachers {dims}, K={k}, S={s}; published float32 embeddings {published} B/sample")
-    print(f"{'dtype':9s} {'arrow (parquet zstd)':>22s} {'webdataset':>12s}   vs published fp32 embeddings")
+    print(f"{'dtype':9s} {'parquet (zstd)':>22s} {'webdataset':>12s}   vs published fp32 embeddings")
     for dtype in DTYPES:
         sizes = []
-        for output_format in ("arrow", "webdataset"):
+        for output_format in ("parquet", "webdataset"):
             dtype_job = job.model_copy(update={"output": job.output.model_copy(
                 update={"embedding_dtype": dtype, "format": output_format})})
             layout = layout_for(dtype_job, cards)

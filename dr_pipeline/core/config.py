@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serializer, field_validator, model_validator
 
 from dr_pipeline.core.errors import ConfigError
 from dr_pipeline.core.storage import url_credentials_problem
@@ -199,9 +199,15 @@ class InputConfig(StrictModel):
         return [self.urls] if isinstance(self.urls, str) else list(self.urls)
 
 
+FORMAT_RECORDED_AS = {"parquet": "arrow"}
+"""Output formats recorded under an older name: Parquet was named "arrow" until dr-gen 0.x, and
+config hashes and dataset.json (schema v1) record it so, which keeps every existing dataset's hash
+(reruns, `--extend`) and manifest. Job files may give either name."""
+
+
 class OutputConfig(StrictModel):
     url: str = Field(min_length=1)
-    format: Literal["arrow", "webdataset"] = "arrow"
+    format: str = Field("parquet", min_length=1)  # a registered output format (dataset/formats)
     embedding_dtype: Literal["float16", "bfloat16", "float32", "int8"] = "float16"
     keep_images: bool = False
     storage_options: dict[str, Any] = Field(default_factory=dict, repr=False)
@@ -211,6 +217,15 @@ class OutputConfig(StrictModel):
     def _no_credentials(cls, value: str) -> str:
         _refuse_credentials(value, _storage_options_remedy("output"))
         return value
+
+    @field_validator("format")
+    @classmethod
+    def _current_name(cls, value: str) -> str:
+        return {recorded: name for name, recorded in FORMAT_RECORDED_AS.items()}.get(value, value)
+
+    @field_serializer("format")
+    def _recorded_name(self, value: str) -> str:
+        return FORMAT_RECORDED_AS.get(value, value)
 
 
 class ActorRange(StrictModel):

@@ -19,8 +19,9 @@ from typing import Any, Iterable, Iterator
 
 from dr_pipeline import __version__
 from dr_pipeline.core.config import JobConfig
-from dr_pipeline.core.errors import DatasetError, error_line
+from dr_pipeline.core.errors import ConfigError, DatasetError, error_line
 from dr_pipeline.core.records import ModelCards, Totals, UnitStats
+from dr_pipeline.dataset.formats import format_for
 from dr_pipeline.dataset.plan import DATA_DIR, Unit
 from dr_pipeline.core.schema import SCHEMA_VERSION, DatasetLayout, validate_manifest
 from dr_pipeline.core.storage import Location, redact_url
@@ -119,7 +120,7 @@ def manifest_head(
     return {
         "schema_version": SCHEMA_VERSION,
         "dr_gen_version": __version__,
-        "format": job.output.format,
+        "format": config["output"]["format"],  # as job files named it then (core.config.FORMAT_RECORDED_AS)
         "created_at": created_at,
         "updated_at": _now(),
         "config": config,
@@ -179,6 +180,11 @@ def read_runs(out: Location) -> list[dict[str, Any]]:
     return []
 
 
+def failures_bytes(failures: list[dict[str, Any]]) -> bytes:
+    """A unit's failures file: one JSON record {"key", "reason", "detail"} per line."""
+    return b"".join(json.dumps(f, ensure_ascii=False).encode() + b"\n" for f in failures)
+
+
 def write_runs(out: Location, runs: list[dict[str, Any]]) -> None:
     out.write_json_atomic({"runs": runs}, RUNS_FILE)  # retried on transient errors (storage.retrying)
 
@@ -198,4 +204,8 @@ def read_manifest(url: str, storage_options: dict[str, Any] | None = None) -> tu
         raise DatasetError(f"{redact_url(url)}: no {MANIFEST_FILE} here; is this a dr-gen output folder?")
     manifest = out.read_json(MANIFEST_FILE)
     validate_manifest(manifest)
+    try:
+        format_for(manifest["format"])
+    except ConfigError as error:
+        raise DatasetError(f"{redact_url(url)}: {MANIFEST_FILE}: {error}") from None
     return out, manifest

@@ -17,11 +17,11 @@ from typing import NamedTuple
 from dr_pipeline.core.config import JobConfig
 from dr_pipeline.core.errors import ConfigError
 from dr_pipeline.core.storage import Location, redact_url
+from dr_pipeline.dataset.formats import format_for
 
 PLAN_FILE = "plan.json"
 DATA_DIR = "data"
 _SHARD_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".parquet")
-DATA_SUFFIX = {"arrow": "parquet", "webdataset": "tar"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,7 +30,7 @@ class Unit:
     input: str
 
     def data_file(self, output_format: str) -> str:
-        return posixpath.join(DATA_DIR, f"{self.id}.{DATA_SUFFIX[output_format]}")
+        return posixpath.join(DATA_DIR, f"{self.id}.{format_for(output_format).suffix}")
 
     @property
     def failures_file(self) -> str:

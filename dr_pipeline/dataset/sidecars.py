@@ -20,7 +20,7 @@ import pyarrow as pa
 
 import schemas
 from dr_pipeline.core.errors import DatasetError
-from dr_pipeline.dataset.plan import DATA_SUFFIX
+from dr_pipeline.dataset.formats import format_for
 from dr_pipeline.core.schema import SCHEMA_VERSION, DatasetLayout, arrow_field, is_quantized
 
 _SPEC = schemas.load_spec()
@@ -78,7 +78,7 @@ class SidecarLayout:
     columns: tuple[SidecarColumn, ...]
 
     def data_file(self, unit_id: str, output_format: str) -> str:
-        return posixpath.join(sidecar_folder(self.extension), f"{unit_id}.{DATA_SUFFIX[output_format]}")
+        return posixpath.join(sidecar_folder(self.extension), f"{unit_id}.{format_for(output_format).suffix}")
 
     def stats_file(self, unit_id: str) -> str:
         """Written last: its presence marks the sidecar unit as committed."""

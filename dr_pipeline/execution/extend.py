@@ -66,7 +66,7 @@ from dr_pipeline.core.schema import DatasetLayout, storage_columns
 from dr_pipeline.dataset.sidecars import SidecarColumn, SidecarLayout, sidecar_folder
 from dr_pipeline.core.storage import Location, redact_url
 from dr_pipeline.core.timing import StageClock
-from dr_pipeline.dataset.writers import open_unit_writer
+from dr_pipeline.dataset.formats import open_unit_writer
 
 _FIXED = ("seed", "input", "output", "augmentation")  # what an extension cannot change
 

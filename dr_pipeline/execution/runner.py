@@ -29,6 +29,7 @@ from dr_pipeline.dataset.manifest import (
     MANIFEST_FILE,
     StatsSum,
     committed_unit_ids,
+    failures_bytes,
     iter_unit_stats,
     manifest_head,
     read_runs,
@@ -45,7 +46,8 @@ from dr_pipeline.core.storage import (
     STORAGE_ATTEMPTS, Location, backoff, count_retry, is_transient, redact_url, retrying, storage_retries,
 )
 from dr_pipeline.core.timing import StageClock
-from dr_pipeline.dataset.writers import failures_bytes, open_unit_writer, unit_columns
+from dr_pipeline.dataset.formats import format_for, open_unit_writer
+from dr_pipeline.generate.columns import unit_columns
 from teachers import check_spec
 
 
@@ -71,6 +73,7 @@ class RunSummary:
 
 def check_job(job: JobConfig) -> None:
     """Everything that can be checked without loading a model or starting Ray."""
+    format_for(job.output.format)
     for teacher in job.teachers:
         check_spec(teacher.spec, "teacher", teacher.options)
     for captioner in job.captioners:

@@ -13,36 +13,26 @@ Python values (a key, a `ViewParams`, a float32 embedding) only for what is aske
 
 from __future__ import annotations
 
-import io
 import itertools
 import json
-import tarfile
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from dr_pipeline.core.errors import DatasetError
 from dr_pipeline.core.records import ViewParams
 from dr_pipeline.dataset.manifest import read_manifest
 from dr_pipeline.core.schema import DatasetLayout, from_storage, scale_column
+from dr_pipeline.dataset.formats import format_for
+from dr_pipeline.dataset.formats.base import FileLayout
+from dr_pipeline.dataset.formats.parquet import ROW_GROUP_ROWS, fixed_size_matrix
 from dr_pipeline.dataset.sidecars import SidecarLayout, base_layout
 from dr_pipeline.core.storage import Location
 
-ROWS_PER_BATCH = 1024
-"""Rows per `RowBatch` by default: the writers' Parquet row group."""
-
-
-def fixed_size_matrix(column: pa.Array) -> np.ndarray:
-    """A column of nested fixed-size lists (embeddings [rows] x [dim], scales [rows]) as one
-    numpy array [len, rows(, dim)] in its stored dtype."""
-    shape, values = [], column
-    while pa.types.is_fixed_size_list(values.type):
-        shape.append(values.type.list_size)
-        values = values.flatten()
-    return np.asarray(values.to_numpy(zero_copy_only=False)).reshape(len(column), *shape)
+ROWS_PER_BATCH = ROW_GROUP_ROWS
+"""Rows per `RowBatch` by default: the Parquet writer's row group."""
 
 
 class ReinforcedDataset:
@@ -53,7 +43,7 @@ class ReinforcedDataset:
         self.storage_options = storage_options or {}  # also for its input shards, unless told others (replay.py)
         self.layout = DatasetLayout.from_dict(self.manifest["layout"])
         self.sidecars = [SidecarLayout.from_dict(entry) for entry in self.manifest.get("extensions", [])]
-        self._members = base_layout(self.layout, self.sidecars).webdataset_members(keep_images=True)
+        self._base = base_layout(self.layout, self.sidecars)  # what the units' data files hold
 
     @property
     def units(self) -> list[dict[str, Any]]:
@@ -77,8 +67,8 @@ class ReinforcedDataset:
 
     def iter_unit(self, unit: dict[str, Any], view_params: bool = True) -> Iterator[dict[str, Any]]:
         """The unit's rows, in order, joined with the unit's sidecar rows."""
-        files = [self._iter_file(unit["files"]["data"]["path"], self._members)]
-        files += [self._iter_file(unit["files"][s.extension]["path"], s.webdataset_members()) for s in self.sidecars]
+        files = [self._iter_file(unit["files"]["data"]["path"], self._base)]
+        files += [self._iter_file(unit["files"][s.extension]["path"], s) for s in self.sidecars]
         for row, *extras in itertools.zip_longest(*files):
             if row is None or None in extras:
                 raise DatasetError(f"unit {unit['id']}: its sidecar files and data file differ in length")
@@ -86,9 +76,9 @@ class ReinforcedDataset:
                 sidecar.join(row, extra, f"unit {unit['id']}")
             yield self._decode_embeddings(row, view_params)
 
-    def _iter_file(self, relative_path: str, members: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    def _iter_file(self, relative_path: str, layout: FileLayout) -> Iterator[dict[str, Any]]:
         array_names = set(self.layout.stored_arrays())
-        return file_rows(self.location, relative_path, self.manifest["format"], members, array_names)
+        return file_rows(self.location, relative_path, self.manifest["format"], layout, array_names)
 
     def iter_batches(self, units: list[str] | None = None, batch_size: int = ROWS_PER_BATCH) -> Iterator[RowBatch]:
         """The rows of the units (all by default), in order, as `RowBatch`es of at most `batch_size`."""
@@ -101,12 +91,9 @@ class ReinforcedDataset:
         """The unit's rows as `iter_unit` gives them, column by column, joined with its sidecars."""
         array_names = set(self.layout.stored_arrays())
         fmt = self.manifest["format"]
-        base = base_layout(self.layout, self.sidecars)
-        batches = file_batches(self.location, unit["files"]["data"]["path"], fmt, self._members,
-                               base.arrow_schema(), array_names, batch_size)
+        batches = file_batches(self.location, unit["files"]["data"]["path"], fmt, self._base, array_names, batch_size)
         extras = [
-            _Rechunked(file_batches(self.location, unit["files"][s.extension]["path"], fmt, s.webdataset_members(),
-                                    s.arrow_schema(), array_names, batch_size))
+            _Rechunked(file_batches(self.location, unit["files"][s.extension]["path"], fmt, s, array_names, batch_size))
             for s in self.sidecars
         ]
         for columns, arrays in batches:
@@ -128,56 +115,12 @@ class ReinforcedDataset:
 
 
 def file_rows(
-    location: Location, relative_path: str, file_format: str, members: list[dict[str, Any]], array_names: set[str]
+    location: Location, relative_path: str, file_format: str, layout: FileLayout, array_names: set[str]
 ) -> Iterator[dict[str, Any]]:
-    """Rows of one data or sidecar file, embeddings as stored: of a Parquet file its columns (those
-    in `array_names`, embeddings and scales, as numpy arrays), of a tar the `members` of each sample."""
-    path = location.join(relative_path)
-    if file_format == "arrow":
-        return _parquet_rows(location, path, array_names)
-    return _tar_rows(location, path, members)
-
-
-def _parquet_rows(location: Location, path: str, array_names: set[str]) -> Iterator[dict[str, Any]]:
-    with location.fs.open(path, "rb") as handle:
-        for batch in pq.ParquetFile(handle).iter_batches(batch_size=256):
-            names = [name for name in batch.schema.names if name in array_names]
-            embeddings = {name: fixed_size_matrix(batch.column(name)) for name in names}
-            plain = batch.drop_columns(names).to_pylist()
-            for i, row in enumerate(plain):
-                row.update({name: values[i] for name, values in embeddings.items()})
-                yield row
-
-
-def _tar_rows(location: Location, path: str, members: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-    with location.fs.open(path, "rb") as handle, tarfile.open(fileobj=handle, mode="r|") as tar:
-        current_key, raw = None, {}
-        for info in tar:
-            key, _, suffix = info.name.partition(".")
-            if key != current_key and raw:
-                yield _tar_row(current_key, raw, members)
-                raw = {}
-            current_key = key
-            raw[suffix] = tar.extractfile(info).read()
-        if raw:
-            yield _tar_row(current_key, raw, members)
-
-
-def _tar_row(key: str, raw: dict[str, bytes], members: list[dict[str, Any]]) -> dict[str, Any]:
-    row: dict[str, Any] = {"key": key, "image": None}
-    for member in members:
-        if member["encoding"] == "bytes":
-            continue
-        data = raw[member["suffix"]]
-        if member["encoding"] == "npy":
-            row[member["fields"][0]] = np.load(io.BytesIO(data), allow_pickle=False)
-        else:
-            value = json.loads(data)
-            row.update(value if len(member["fields"]) > 1 else {member["fields"][0]: value})
-    image_member = row.get("image_format")
-    if image_member in raw:
-        row["image"] = raw[image_member]
-    return row
+    """Rows of one data or sidecar file (its `layout`), embeddings as stored: the columns in
+    `array_names` (embeddings and scales) as numpy arrays."""
+    with location.fs.open(location.join(relative_path), "rb") as handle:
+        yield from format_for(file_format).rows(handle, layout, array_names)
 
 
 @dataclass(frozen=True)
@@ -281,27 +224,14 @@ def file_batches(
     location: Location,
     relative_path: str,
     file_format: str,
-    members: list[dict[str, Any]],
-    schema: pa.Schema,
+    layout: FileLayout,
     array_names: set[str],
     batch_size: int,
 ) -> Iterator[tuple[pa.Table, dict[str, np.ndarray]]]:
-    """Batches of one data or sidecar file: (the plain columns as Arrow, the array columns of
-    `array_names` as numpy in their stored dtype). Parquet goes to numpy without Python rows."""
-    path = location.join(relative_path)
-    if file_format == "arrow":
-        with location.fs.open(path, "rb") as handle:
-            for batch in pq.ParquetFile(handle).iter_batches(batch_size=batch_size):
-                names = [name for name in batch.schema.names if name in array_names]
-                arrays = {name: fixed_size_matrix(batch.column(name)) for name in names}
-                yield pa.Table.from_batches([batch.drop_columns(names)]), arrays
-        return
-    rows = _tar_rows(location, path, members)
-    while chunk := list(itertools.islice(rows, batch_size)):
-        names = [name for name in chunk[0] if name in array_names]
-        arrays = {name: np.stack([row.pop(name) for row in chunk]) for name in names}
-        plain = [f for f in schema if f.name in chunk[0]]
-        yield pa.Table.from_pylist(chunk, schema=pa.schema(plain)), arrays
+    """Batches of one data or sidecar file (its `layout`): (the plain columns as Arrow, the array
+    columns of `array_names` as numpy in their stored dtype)."""
+    with location.fs.open(location.join(relative_path), "rb") as handle:
+        yield from format_for(file_format).batches(handle, layout, array_names, batch_size)
 
 
 class _Rechunked:

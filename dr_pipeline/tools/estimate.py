@@ -13,7 +13,7 @@ per view and one text forward per text (the real caption and S synthetic ones),
 per captioner one image encode per sample and S captions of at most max_length
 tokens. FLOPs come from the models' architecture configs (teachers/flops.py), never
 from loaded weights; GPU-hours divide them by a GPU's peak tensor throughput times
-an assumed model FLOPs utilisation (MFU). Output bytes follow the schema layout:
+an assumed model FLOPs utilisation (MFU). Output bytes are the output format's estimate (dataset/formats):
 embedding bytes are exact, the rest is estimated from the input.
 """
 
@@ -36,7 +36,7 @@ from dr_pipeline.sources.formats import ShardCount
 from dr_pipeline.sources.listing import list_shards
 from dr_pipeline.sources.shards import detect_format
 from dr_pipeline.execution.runner import check_job
-from schemas import load_spec
+from dr_pipeline.dataset.formats import format_for
 from teachers import model_cost
 
 GPU_PEAK_TFLOPS = {
@@ -61,10 +61,6 @@ DEFAULT_DECODE_MFU = 0.1
 COUNTED_SHARDS = 16
 INDEXED_SHARDS = 4
 """Tars without img2dataset stats whose member index is read (each read costs the shard's headers)."""
-ASSUMED_CAPTION_BYTES = 60
-"""Bytes of a caption when the input does not tell (DataComp captions average about ten words)."""
-ASSUMED_METADATA_BYTES = 200
-"""key, source key, url, image format, size and sha256 of one sample."""
 _READERS = 16  # shards read at once: counting is I/O-bound
 
 
@@ -223,42 +219,6 @@ def _captioner_work(captioner: Any, samples: int) -> ModelWork:
                      flops, encoder)
 
 
-def _bytes_per_sample(job: JobConfig, survey: InputSurvey, dims: list[int | None]) -> tuple[dict, dict]:
-    """Bytes of one output sample by part, and how each was obtained; before Parquet compression
-    (float16 embeddings hardly compress)."""
-    aug = job.augmentation
-    dtype = load_spec()["embedding_dtypes"][job.output.embedding_dtype]
-    itemsize = np.dtype(dtype["numpy"]).itemsize
-    scale_bytes = np.dtype(dtype["scale"]).itemsize if "scale" in dtype else 0  # per row, quantised dtypes
-    rows = aug.num_views + 1 + job.num_captions
-    per_view = 16 + 1  # crop box, flip
-    if aug.rand_augment.p > 0:
-        per_view += aug.rand_augment.num_ops * 5  # int8 op + float32 magnitude
-    if aug.random_erasing.p > 0:
-        per_view += 16
-    caption = survey.caption_bytes or ASSUMED_CAPTION_BYTES
-    caption_basis = "mean of the counted input captions" if survey.caption_bytes else "assumed"
-    sizes = {
-        "embeddings": float(sum(rows * (d * itemsize + scale_bytes) for d in dims if d is not None)),
-        "augmentation_params": float(aug.num_views * per_view),
-        "real_caption": caption,
-        "synthetic_captions": job.num_captions * caption,
-        "metadata": float(ASSUMED_METADATA_BYTES),
-    }
-    basis = {
-        "embeddings": "exact: (K + 1 + S) x (D x dtype bytes + scale bytes) per teacher"
-        if all(d is not None for d in dims) else "exact for teachers of known dimension, others left out",
-        "augmentation_params": "exact (RandAugment ops counted as if never skipped)",
-        "real_caption": caption_basis,
-        "synthetic_captions": "S x the real caption's bytes",
-        "metadata": "assumed",
-    }
-    if job.output.keep_images:
-        sizes["images"] = survey.image_bytes or 0.0
-        basis["images"] = "mean of the input's images" if survey.image_bytes else "unknown (not in the counted metadata)"
-    return sizes, basis
-
-
 def plan_job(
     job: JobConfig,
     gpu: str = DEFAULT_GPU,
@@ -295,7 +255,8 @@ def plan_job(
         encoder = sum(m.encoder_flops for m in known)
         seconds = encoder / (peak * mfu) + (flops - encoder) / (peak * decode_mfu)
         gpu_hours = seconds / 3600
-    sizes, basis = _bytes_per_sample(job, survey, [m.embedding_dim for m in models if m.role == "teacher"])
+    sizes, basis = format_for(job.output.format).bytes_per_sample(
+        job, survey.caption_bytes, survey.image_bytes, [m.embedding_dim for m in models if m.role == "teacher"])
     return JobPlan(
         job=job.name,
         input=survey,
