@@ -43,13 +43,15 @@ class Mutation:
     datasets_reused: bool = False
 
 
-def _validate(name: str, old: str, new: str, test: str) -> Mutation:
-    """A mutation of dr-gen validate, caught by one test of tests/tools/test_validate.py."""
-    return Mutation(f"validate: {name}", "dr_pipeline/tools/validate.py", old, new, (f"tests/tools/test_validate.py::{test}",), True)
+def _validate(name: str, old: str, new: str, test: str, file: str = "dr_pipeline/tools/validate.py") -> Mutation:
+    """A mutation of dr-gen validate (of `file`, a module it reads datasets with), caught by one
+    test of tests/tools/test_validate.py."""
+    return Mutation(f"validate: {name}", file, old, new, (f"tests/tools/test_validate.py::{test}",), True)
 
 
 ARROW = "test_each_check_reports_its_damage_in_arrow"
 WEBDATASET = "test_each_check_reports_its_damage_in_webdataset"
+SIDECAR = "test_each_sidecar_check_reports_its_damage"
 
 MUTATIONS: tuple[Mutation, ...] = (
     Mutation("unit task retries disabled", "dr_pipeline/execution/runner.py",
@@ -86,6 +88,13 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation("verify: pixel comparison always passes", "dr_pipeline/tools/verify.py",
              "if not torch.equal(stored_views[index], fresh_views[index])]", "if False]",
              ("tests/tools/test_verify.py::test_verify_names_the_views_whose_stored_parameters_changed",), True),
+    _validate("dataset.json not JSON",
+              'raise DatasetError(f"{redact_url(url)}: {MANIFEST_FILE} is not valid JSON ({error})") from None',
+              "raise", f"{ARROW}[manifest_not_json]", "dr_pipeline/dataset/manifest.py"),
+    _validate("dataset.json JSON Schema", 'jsonschema.validate(manifest, schemas.load_spec(name="manifest.schema.json"))',
+              "pass", f"{ARROW}[manifest_schema]", "dr_pipeline/core/schema.py"),
+    _validate("schema version", 'check_schema_version(manifest.get("schema_version", "?"))', "pass",
+              f"{ARROW}[schema_version]", "dr_pipeline/core/schema.py"),
     _validate("status", 'if manifest["status"] != "complete":', "if False:", f"{ARROW}[status_incomplete]"),
     _validate("totals", "if recorded[name] != value:", "if False:", "test_a_wrong_count_in_the_manifest"),
     _validate("columns", 'if manifest.get("columns", expected_columns) != expected_columns:', "if False:",
@@ -156,6 +165,34 @@ MUTATIONS: tuple[Mutation, ...] = (
     _validate("unexpected member", "for suffix in sorted(set(raw) - expected):", "for suffix in []:",
               f"{WEBDATASET}[unexpected_member]"),
     _validate("json key", 'if not row["bad"] and row.get("key") != key:', "if False:", f"{WEBDATASET}[json_key_differs]"),
+    _validate("Parquet row group unreadable",
+              'raise _UnusableFile([f"cannot be read to its end ({_one_line(error)})"]) from None', "return",
+              "test_a_data_file_that_cannot_be_read_to_its_end[unreadable_row_group]"),
+    _validate("sidecar stats marker missing",
+              'problems.append(f"{where}: extension {extension} has no stats marker for it (not committed)")',
+              "pass", f"{SIDECAR}[arrow-sidecar_marker_missing]"),
+    _validate("sidecar manifest entry differs from marker",
+              'elif sidecar_marker["files"]["data"] != unit["files"].get(extension):', "elif False:",
+              f"{SIDECAR}[arrow-sidecar_entry_differs]"),
+    _validate("sidecar file not listed", 'result.problems.append(f"{where}: no file of extension {sidecar.extension}")',
+              "pass", f"{SIDECAR}[arrow-sidecar_not_listed]"),
+    _validate("sidecar not a Parquet file", 'return [f"{where}: not a Parquet file ({_one_line(error)})"]',
+              "return []", f"{SIDECAR}_in_arrow[sidecar_not_parquet]"),
+    _validate("sidecar Arrow schema", "if not schema.equals(sidecar.arrow_schema()):", "if False:",
+              f"{SIDECAR}_in_arrow[sidecar_schema_differs]"),
+    _validate("sidecar captions per row", "if value is None or len(value) != column.rows:", "if False:",
+              f"{SIDECAR}[arrow-sidecar_captions]"),
+    _validate("sidecar embedding shape", "if np.shape(value) != (column.rows, column.dim):", "if False:",
+              f"{SIDECAR}_in_webdataset[sidecar_shape]"),
+    _validate("sidecar NaN embedding", "if not np.isfinite(values).all():", "if False:", f"{SIDECAR}[arrow-sidecar_nan]"),
+    _validate("sidecar embedding norm",
+              "elif self.normalized[column.name] and np.abs(np.linalg.norm(values, axis=1) - 1).max() > tolerance:",
+              "elif False:", f"{SIDECAR}[arrow-sidecar_norm]"),
+    _validate("sidecar unreadable",
+              """return [f"{where}: cannot be read as extension {sidecar.extension}'s layout says ({_one_line(error)})"]""",
+              "return []", f"{SIDECAR}_in_arrow[sidecar_unreadable_row_group]"),
+    _validate("sidecar keys align with the data file", "if sidecar_keys != keys:", "if False:",
+              f"{SIDECAR}[arrow-sidecar_keys_differ]"),
     _validate("keys unique across units", "repeated = np.unique(ordered[1:][ordered[1:] == ordered[:-1]])",
               "repeated = ordered[:0]", "test_a_key_repeated_in_another_unit"),
 )
