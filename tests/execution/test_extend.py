@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from typer.testing import CliRunner
 
-from tests.execution.sidecar_gate import GATE_VARIABLE, GateSignal
+from tests.events import EventPipe
+from tests.execution.sidecar_gate import GATE_VARIABLE
 from tests.processes import kill_tree
 from tests.teachers import tiny_hf_models
 from dr_pipeline.views.augment import render_view
@@ -129,17 +130,16 @@ def test_killed_extension_resumes_to_the_dataset_a_combined_run_writes(jobs, bas
     base_files = {u["id"]: u["files"]["data"]["sha256"] for u in before["units"]}
     job_file = tmp_path / "combined.yaml"
     job_file.write_text(json.dumps(_with_output(jobs[1], "ignored")))
-    gate = GateSignal(str(tmp_path / "gate"))
     command = [sys.executable, "-m", "dr_pipeline.cli", "run", str(job_file), "--extend", str(base_out)]
-    env = {**os.environ, "RAY_ADDRESS": "", GATE_VARIABLE: gate.path,
-           "RAY_RUNTIME_ENV_HOOK": "tests.execution.sidecar_gate.gated_runtime_env"}
-    process = subprocess.Popen(command, env=env, start_new_session=True,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        committed = gate.wait(process, timeout=300)
-    finally:
-        kill_tree(process)
-        gate.close()
+    with EventPipe(str(tmp_path / "gate")) as gate:
+        env = {**os.environ, "RAY_ADDRESS": "", GATE_VARIABLE: gate.path,
+               "RAY_RUNTIME_ENV_HOOK": "tests.execution.sidecar_gate.gated_runtime_env"}
+        process = subprocess.Popen(command, env=env, start_new_session=True,
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            committed = gate.wait(process, "a committed sidecar unit")
+        finally:
+            kill_tree(process)
     assert [p.relative_to(base_out).as_posix() for p in _committed_sidecars(base_out)] == [committed]
     assert json.loads((base_out / "dataset.json").read_text()) == before  # readers still see OUT as it was
 
