@@ -167,7 +167,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     _validate("json key", 'if not row["bad"] and row.get("key") != key:', "if False:", f"{WEBDATASET}[json_key_differs]"),
     _validate("Parquet row group unreadable",
               'raise _UnusableFile([f"cannot be read to its end ({_one_line(error)})"]) from None', "return",
-              "test_a_data_file_that_cannot_be_read_to_its_end[unreadable_row_group]"),
+              f"{ARROW}[unreadable_row_group]"),
     _validate("sidecar stats marker missing",
               'problems.append(f"{where}: extension {extension} has no stats marker for it (not committed)")',
               "pass", f"{SIDECAR}[arrow-sidecar_marker_missing]"),

@@ -479,6 +479,25 @@ def _not_a_tar(root):
     return [f"{_where(root, 0)}: not a readable tar ("]
 
 
+def _corrupt_second_row_group(path):
+    """Rewrite the Parquet file in row groups of 2 rows, then zero the first bytes of the second
+    row group's first column chunk (a page header), leaving the footer, the schema and the first
+    row group intact: the file opens, and fails part way."""
+    pq.write_table(pq.read_table(path), path, row_group_size=2)
+    column = pq.ParquetFile(path).metadata.row_group(1).column(0)
+    start = column.dictionary_page_offset or column.data_page_offset
+    data = bytearray(path.read_bytes())
+    data[start:start + 16] = bytes(16)
+    path.write_bytes(bytes(data))
+
+
+def _unreadable_row_group(root):
+    unit = _unit(root, 0)
+    _corrupt_second_row_group(root / unit["files"]["data"]["path"])
+    _refresh(root, unit["id"])
+    return [f"{_where(root, 0)}: cannot be read to its end ("]
+
+
 def _manifest_not_json(root):
     (root / "dataset.json").write_text("{")
     return [f"{root}: dataset.json is not valid JSON ("]
@@ -505,12 +524,12 @@ def _column_type_differs(root):
     return [f"{_where(root, 0)}: column image_width: double, schema says {table.schema.field('image_width').type}"]
 
 
-ARROW_DAMAGES = [_manifest_not_json, _manifest_schema, _schema_version, _column_missing, _column_type_differs,
-                 _plan_hash, _plan_extra_unit, _plan_missing, _unit_not_in_plan, _marker_missing,
-                 _unit_missing_from_manifest, _status_incomplete, _columns_differ, _card_dim_differs,
-                 _failures_by_reason_sum, _size_differs, _failures_not_json, _failure_lacks_detail,
-                 _failure_unknown_reason, _not_parquet, _extra_column, _bad_key, _view_missing, _crop_outside,
-                 _crop_negative, _images_missing, _caption_missing]
+ARROW_DAMAGES = [_manifest_not_json, _manifest_schema, _schema_version, _plan_hash, _plan_extra_unit, _plan_missing,
+                 _unit_not_in_plan, _marker_missing, _unit_missing_from_manifest, _status_incomplete, _columns_differ,
+                 _card_dim_differs, _failures_by_reason_sum, _size_differs, _failures_not_json, _failure_lacks_detail,
+                 _failure_unknown_reason, _not_parquet, _unreadable_row_group, _extra_column, _column_missing,
+                 _column_type_differs, _bad_key, _view_missing, _crop_outside, _crop_negative, _images_missing,
+                 _caption_missing]
 WEBDATASET_DAMAGES = [_image_bytes_changed, _unexpected_member, _json_key_differs, _json_field_missing,
                       _member_undecodable, _not_a_tar]
 
@@ -532,31 +551,7 @@ def test_each_check_reports_its_damage_in_webdataset(webdataset_copy, damage):
     _assert_reports(webdataset_copy, damage(webdataset_copy))
 
 
-# ---------------------------------------------------------------------- damaged row groups and sidecars
-
-
-def _corrupt_second_row_group(path):
-    """Rewrite the Parquet file in row groups of 2 rows, then zero the first bytes of the second
-    row group's first column chunk (a page header), leaving the footer, the schema and the first
-    row group intact: the file opens, and fails part way."""
-    pq.write_table(pq.read_table(path), path, row_group_size=2)
-    column = pq.ParquetFile(path).metadata.row_group(1).column(0)
-    start = column.dictionary_page_offset or column.data_page_offset
-    data = bytearray(path.read_bytes())
-    data[start:start + 16] = bytes(16)
-    path.write_bytes(bytes(data))
-
-
-def _unreadable_row_group(root):
-    unit = _unit(root, 0)
-    _corrupt_second_row_group(root / unit["files"]["data"]["path"])
-    _refresh(root, unit["id"])
-    return [f"{_where(root, 0)}: cannot be read to its end ("]
-
-
-@pytest.mark.parametrize("damage", [_unreadable_row_group], ids=lambda d: d.__name__.strip("_"))
-def test_a_data_file_that_cannot_be_read_to_its_end(arrow_copy, damage):
-    _assert_reports(arrow_copy, damage(arrow_copy))
+# ---------------------------------------------------------------------- sidecars (`--extend`)
 
 
 @pytest.fixture(params=["arrow", "webdataset"])
@@ -612,13 +607,11 @@ def _rewrite_sidecar_tar(root, index, change):
     return keys
 
 
-def _change_sidecar_rows(root, index, column, arrow_change, member_change):
+def _change_sidecar_rows(root, index, arrow_change, suffix, member_change):
     """One damage to the values of a sidecar column, in whichever format the dataset has:
-    `arrow_change(table)` or `member_change(bytes)` of the first sample's member."""
+    `arrow_change(table)`, or `member_change(bytes)` of the first sample's member `.suffix`."""
     if _manifest(root)["format"] == "arrow":
         return _rewrite_sidecar_parquet(root, index, arrow_change)
-    suffix = column.replace("image_emb_", "image_emb.").replace("captions_", "captions.")
-    suffix += ".npy" if "_emb" in column else ".json"
 
     def change(members, keys):
         return [[name, member_change(data) if name == f"{keys[0]}.{suffix}" else data] for name, data in members]
@@ -679,7 +672,7 @@ def _sidecar_captions(root):
         values[0] = []
         return table.set_column(position, table.schema.field(position), pa.array(values, table.schema.field(position).type))
 
-    keys = _change_sidecar_rows(root, 0, "captions_coca_extra", drop_caption, lambda data: b"[]")
+    keys = _change_sidecar_rows(root, 0, drop_caption, "captions.coca_extra.json", lambda data: b"[]")
     return [f"{_where(root, 0, _extension(root))}: captions_coca_extra does not hold 1 captions (1 row: {keys[0]})"]
 
 
@@ -688,9 +681,8 @@ def _sidecar_nan(root):
         values[0, 1, 2] = np.nan
         return values
 
-    keys = _change_sidecar_rows(root, 0, "image_emb_tiny_extra",
-                                lambda t: _with_embedding(t, "image_emb_tiny_extra", nan),
-                                lambda data: _npy(nan(np.load(io.BytesIO(data))[None].copy())[0]))
+    keys = _change_sidecar_rows(root, 0, lambda t: _with_embedding(t, "image_emb_tiny_extra", nan),
+                                "image_emb.tiny_extra.npy", lambda data: _npy(nan(np.load(io.BytesIO(data))[None].copy())[0]))
     return [f"{_where(root, 0, _extension(root))}: image_emb_tiny_extra has NaN or inf (1 row: {keys[0]})"]
 
 
@@ -699,9 +691,8 @@ def _sidecar_norm(root):
         values[0] *= 1.5
         return values
 
-    keys = _change_sidecar_rows(root, 0, "image_emb_tiny_extra",
-                                lambda t: _with_embedding(t, "image_emb_tiny_extra", longer),
-                                lambda data: _npy(longer(np.load(io.BytesIO(data))[None].copy())[0]))
+    keys = _change_sidecar_rows(root, 0, lambda t: _with_embedding(t, "image_emb_tiny_extra", longer),
+                                "image_emb.tiny_extra.npy", lambda data: _npy(longer(np.load(io.BytesIO(data))[None].copy())[0]))
     return [f"{_where(root, 0, _extension(root))}: image_emb_tiny_extra has an L2 norm off 1 by more than 0.004 "
             f"(its card says normalized) (1 row: {keys[0]})"]
 
