@@ -111,6 +111,42 @@ def reinforced(sample_shards, small_job_dict, tmp_path_factory):
                                  progress=progress)
 
 
+EXTENSION_TEACHER = {"id": "tiny_extra", "spec": "open_clip:dr-tiny-vit-32"}
+EXTENSION_CAPTIONER = {"id": "coca_extra", "spec": "open_clip:dr-tiny-coca", "num_captions": 1,
+                       "sampler": {"max_length": 8, "min_length": 2}}
+
+
+@pytest.fixture(scope="session")
+def extended(reinforced, small_job_dict, sample_shards):
+    """Copies of both `reinforced` datasets extended (`--extend`) with one more teacher and one more
+    captioner: their sidecar files hold added image, text and caption columns and the base
+    teachers' embeddings of the new captions (rows appended). Kept beside the `reinforced`
+    datasets (see DR_GEN_TEST_DATASETS)."""
+    import shutil
+    import types
+
+    import ray
+
+    from dr_pipeline.core.config import parse_job
+    from dr_pipeline.execution.extend import extend_dataset
+
+    root = Path(reinforced.arrow).parent / "extended"
+    copies = {"arrow": (reinforced.arrow, {}), "wds": (reinforced.webdataset, {"keep_images": True, "format": "webdataset"})}
+    if not all((root / name / "dataset.json").exists() for name in copies):
+        shutil.rmtree(root, ignore_errors=True)
+        ray.init(num_cpus=2, include_dashboard=False, object_store_memory=300 * 1024**2, log_to_driver=False)
+        try:
+            for name, (source, output) in copies.items():
+                shutil.copytree(source, root / name)
+                job = small_job_dict(sample_shards, root / name, output=output)
+                job["teachers"] = [*job["teachers"], EXTENSION_TEACHER]
+                job["captioners"] = [*job["captioners"], EXTENSION_CAPTIONER]
+                extend_dataset(parse_job(job))
+        finally:
+            ray.shutdown()
+    return types.SimpleNamespace(arrow=root / "arrow", webdataset=root / "wds")
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """Tiny models run fastest on one thread: torch's thread pool mostly waits on a loaded machine."""

@@ -46,12 +46,14 @@ class Mutation:
 def _validate(name: str, file: str, old: str, new: str, test: str) -> Mutation:
     """A mutation of dr-gen validate (a module of dr_pipeline/tools/validate/, or the format module
     its check belongs to), caught by one test of tests/tools/test_validate.py."""
-    path = f"dr_pipeline/dataset/formats/{file}" if file in ("parquet.py", "webdataset.py") else f"dr_pipeline/tools/validate/{file}"
+    path = (file if "/" in file else f"dr_pipeline/dataset/formats/{file}" if file in ("parquet.py", "webdataset.py")
+            else f"dr_pipeline/tools/validate/{file}")
     return Mutation(f"validate: {name}", path, old, new, (f"tests/tools/test_validate.py::{test}",), True)
 
 
 ARROW = "test_each_check_reports_its_damage_in_arrow"
 WEBDATASET = "test_each_check_reports_its_damage_in_webdataset"
+SIDECAR = "test_each_sidecar_check_reports_its_damage"
 
 MUTATIONS: tuple[Mutation, ...] = (
     Mutation("unit task retries disabled", "dr_pipeline/execution/runner.py",
@@ -88,6 +90,13 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation("verify: pixel comparison always passes", "dr_pipeline/tools/verify.py",
              "if not torch.equal(stored_views[index], fresh_views[index])]", "if False]",
              ("tests/tools/test_verify.py::test_verify_names_the_views_whose_stored_parameters_changed",), True),
+    _validate("dataset.json not JSON", "dr_pipeline/dataset/manifest.py",
+              'raise DatasetError(f"{redact_url(url)}: {MANIFEST_FILE} is not valid JSON ({error})") from None',
+              "raise", f"{ARROW}[manifest_not_json]"),
+    _validate("dataset.json JSON Schema", "dr_pipeline/core/schema.py",
+              'jsonschema.validate(manifest, schemas.load_spec(name="manifest.schema.json"))', "pass", f"{ARROW}[manifest_schema]"),
+    _validate("schema version", "dr_pipeline/core/schema.py", 'check_schema_version(manifest.get("schema_version", "?"))', "pass",
+              f"{ARROW}[schema_version]"),
     _validate("status", "manifest.py", 'if manifest["status"] != "complete":', "if False:", f"{ARROW}[status_incomplete]"),
     _validate("totals", "manifest.py", "if recorded[name] != value:", "if False:", "test_a_wrong_count_in_the_manifest"),
     _validate("columns", "manifest.py", 'if manifest.get("columns", expected_columns) != expected_columns:', "if False:",
@@ -158,6 +167,41 @@ MUTATIONS: tuple[Mutation, ...] = (
     _validate("unexpected member", "webdataset.py", "for suffix in sorted(set(raw) - expected):", "for suffix in []:",
               f"{WEBDATASET}[unexpected_member]"),
     _validate("json key", "webdataset.py", 'if not row["bad"] and row.get("key") != key:', "if False:", f"{WEBDATASET}[json_key_differs]"),
+    _validate("Parquet row group unreadable", "parquet.py",
+              'raise UnusableFile([f"cannot be read to its end ({error_line(error)})"]) from None', "return",
+              f"{ARROW}[unreadable_row_group]"),
+    _validate("sidecar stats marker missing", "manifest.py",
+              'problems.append(f"{where}: extension {extension} has no stats marker for it (not committed)")',
+              "pass", f"{SIDECAR}[arrow-sidecar_marker_missing]"),
+    _validate("sidecar manifest entry differs from marker", "manifest.py",
+              'elif sidecar_marker["files"]["data"] != unit["files"].get(extension):', "elif False:",
+              f"{SIDECAR}[arrow-sidecar_entry_differs]"),
+    _validate("sidecar file not listed", "__init__.py",
+              'result.problems.append(f"{where}: no file of extension {sidecar.extension}")',
+              "pass", f"{SIDECAR}[arrow-sidecar_not_listed]"),
+    _validate("sidecar not a Parquet file", "parquet.py",
+              'raise UnusableFile([f"not a Parquet file ({error_line(error)})"]) from None\n\n    def checked_rows',
+              "return None\n\n    def checked_rows", f"{SIDECAR}_in_arrow[sidecar_not_parquet]"),
+    _validate("sidecar Arrow schema", "sidecars.py",
+              "if schema is not None and not schema.equals(sidecar.arrow_schema()):", "if False:",
+              f"{SIDECAR}_in_arrow[sidecar_schema_differs]"),
+    _validate("sidecar captions per row", "sidecars.py",
+              "if value is None or len(value) != column.rows:", "if False:",
+              f"{SIDECAR}[arrow-sidecar_captions]"),
+    _validate("sidecar embedding shape", "sidecars.py",
+              "if np.shape(value) != (column.rows, column.dim):", "if False:",
+              f"{SIDECAR}_in_webdataset[sidecar_shape]"),
+    _validate("sidecar NaN embedding", "sidecars.py",
+              "if not np.isfinite(values).all():", "if False:", f"{SIDECAR}[arrow-sidecar_nan]"),
+    _validate("sidecar embedding norm", "sidecars.py",
+              "elif dataset.normalized[column.name] and np.abs(np.linalg.norm(values, axis=1) - 1).max() > tolerance:",
+              "elif False:", f"{SIDECAR}[arrow-sidecar_norm]"),
+    _validate("sidecar unreadable", "sidecars.py",
+              """return [f"{where}: cannot be read as extension {sidecar.extension}'s layout says ({error_line(error)})"]""",
+              "return []", f"{SIDECAR}_in_arrow[sidecar_unreadable_row_group]"),
+    _validate("sidecar keys align with the data file", "sidecars.py",
+              "if sidecar_keys != keys:", "if False:",
+              f"{SIDECAR}[arrow-sidecar_keys_differ]"),
     _validate("keys unique across units", "keys.py", "repeated = np.unique(ordered[1:][ordered[1:] == ordered[:-1]])",
               "repeated = ordered[:0]", "test_a_key_repeated_in_another_unit"),
 )

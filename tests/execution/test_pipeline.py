@@ -1,15 +1,12 @@
 """The reinforcement run end to end on local Ray with the real libraries and tiny random-weight models."""
 
-import contextlib
 import hashlib
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -17,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tests.processes import kill_tree
 from dr_pipeline.views.augment import render_view
 from dr_pipeline.core.config import TeacherConfig, parse_job
 from dr_pipeline.views.decode import decode_image
@@ -178,42 +176,10 @@ def _wait_for(condition, what, process=None, timeout=300):
         time.sleep(0.05)
 
 
-def _process_tree(root_pid):
-    """Every process descending from `root_pid` (from /proc): Ray's workers start their own process
-    groups, so killing the run's process group alone lets them end on their own, gracefully."""
-    parents = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError):
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            parents[int(stat.parent.name)] = int(fields[1])
-    tree, grew = {root_pid}, True
-    while grew:
-        children = {pid for pid, parent in parents.items() if parent in tree} - tree
-        tree |= children
-        grew = bool(children)
-    return tree
-
-
-def _alive(pid):
-    with contextlib.suppress(OSError):
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    return False
-
-
 def _files_of(out, units):
     """(inode, mtime) of every file of the given committed units: a recomputed unit gets new ones."""
     return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in (out / "data").iterdir()
             if p.name.split(".")[0] in {u.split(".")[0] for u in units}}
-
-
-def _kill(process):
-    """SIGKILL the run and every process it started, at once (the machine dies); wait until all are gone."""
-    machine = _process_tree(process.pid)
-    for pid in machine:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    process.wait()
-    _wait_for(lambda: not any(_alive(pid) for pid in machine), "the end of every process of the killed run")
 
 
 def test_killed_run_resumes_to_the_same_dataset(arrow_run, sample_shards, small_job_dict, tmp_path):
@@ -247,7 +213,7 @@ def test_killed_run_resumes_to_the_same_dataset(arrow_run, sample_shards, small_
     # kill 1: in start-up, once plan.json is written
     process = start()
     _wait_for(lambda: (out / "plan.json").exists(), "plan.json", process)
-    _kill(process)
+    kill_tree(process)
     assert _committed_units(out) == [], "kill 1 should land before any unit commits"
     last.unlink()
     os.mkfifo(last)  # listed in plan.json as a file; from now on its reader waits for the test
@@ -255,7 +221,7 @@ def test_killed_run_resumes_to_the_same_dataset(arrow_run, sample_shards, small_
     # kill 2: once the first unit has committed
     process = start()
     _wait_for(lambda: _committed_units(out), "a committed unit", process)
-    _kill(process)
+    kill_tree(process)
     committed = _committed_units(out)
     assert committed and last_marker not in committed
 
@@ -264,7 +230,7 @@ def test_killed_run_resumes_to_the_same_dataset(arrow_run, sample_shards, small_
     process = start()
     last_id = last.name.split(".")[0]
     _wait_for(lambda: list((out / "data").glob(f".{last_id}.parquet.*.tmp")), "the last unit's temp file", process)
-    _kill(process)
+    kill_tree(process)
     committed = _committed_units(out)
     assert last_marker not in committed and len(committed) == len(sample_shards) - 1
     assert _files_of(out, before) == before, "a unit committed before kill 3 was written again"

@@ -16,6 +16,7 @@ import torch
 from fsspec.implementations.local import LocalFileSystem
 
 from dr_pipeline.core.config import TeacherConfig
+from tests.events import send_event
 from teachers import build_teacher
 
 TINY_TEACHER = "open_clip:dr-tiny-vit-32"
@@ -29,8 +30,9 @@ class FlakyTeacher:
       once (the marker file records that it happened, across the restart);
     - fail_on_text WORD, attempts_log PATH: every text batch holding WORD raises, and appends
       its texts to the log, one line per attempt;
-    - hold_on_text WORD, held_marker PATH: a text batch holding WORD touches the marker and
-      never returns (the run is interrupted meanwhile), once: not when the marker exists.
+    - hold_on_text WORD, held_marker PATH, held_event PIPE: a text batch holding WORD touches the
+      marker, says so on the test's tests.events.EventPipe and never returns (the run is
+      interrupted meanwhile), once: not when the marker exists.
     """
 
     def __init__(self, config: TeacherConfig, device: torch.device, precision: str):
@@ -51,6 +53,7 @@ class FlakyTeacher:
         held = self.options.get("hold_on_text")
         if held and any(held in text for text in texts) and not os.path.exists(self.options["held_marker"]):
             open(self.options["held_marker"], "w").close()
+            send_event(self.options["held_event"], f"holding a text batch with {held!r}")
             threading.Event().wait()
         word = self.options.get("fail_on_text")
         if word and any(word in text for text in texts):

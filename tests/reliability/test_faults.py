@@ -14,7 +14,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -29,6 +28,7 @@ from dr_pipeline.read.reader import open_dataset
 from dr_pipeline.execution.runner import plan_output, process_unit, run_job
 from dr_pipeline.tools.validate import validate_dataset
 from dr_pipeline.tools.verify import verify_dataset
+from tests.events import EventPipe
 from tests.reliability.faulty import FLAKY_SPEC, TINY_TEACHER, register_faulty_filesystem
 
 SECRET = "s3cr3t-t0ken-never-written"
@@ -257,14 +257,12 @@ def test_output_turning_read_only_mid_run_fails_the_units_in_one_line_each(sampl
 def test_ctrl_c_cancels_the_units_in_flight_and_writes_what_committed(sample_shards, small_job_dict, tmp_path):
     """SIGINT to the driver's process group while unit 00002 (holding "motorcycle") is in flight,
     units 00000 and 00001 committed; then a rerun completes the dataset."""
-    out, held = tmp_path / "out", tmp_path / "held"
-    teacher = {"id": "held", "spec": FLAKY_SPEC, "options": {"hold_on_text": "motorcycle", "held_marker": str(held)}}
-    job = _job(sample_shards, small_job_dict, out, teacher)
-    run = _cli_run(job, tmp_path)
-    deadline = time.monotonic() + 300
-    while not held.exists() and run.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert held.exists(), run.communicate()
+    out = tmp_path / "out"
+    with EventPipe(str(tmp_path / "events")) as events:
+        options = {"hold_on_text": "motorcycle", "held_marker": str(tmp_path / "held"), "held_event": events.path}
+        job = _job(sample_shards, small_job_dict, out, {"id": "held", "spec": FLAKY_SPEC, "options": options})
+        run = _cli_run(job, tmp_path)
+        events.wait(run, "a held text batch")
     os.killpg(run.pid, signal.SIGINT)
     stdout, stderr = run.communicate(timeout=120)
     assert run.returncode == 130, stdout + stderr

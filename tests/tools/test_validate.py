@@ -479,11 +479,57 @@ def _not_a_tar(root):
     return [f"{_where(root, 0)}: not a readable tar ("]
 
 
-ARROW_DAMAGES = [_plan_hash, _plan_extra_unit, _plan_missing, _unit_not_in_plan, _marker_missing,
-                 _unit_missing_from_manifest, _status_incomplete, _columns_differ, _card_dim_differs,
-                 _failures_by_reason_sum, _size_differs, _failures_not_json, _failure_lacks_detail,
-                 _failure_unknown_reason, _not_parquet, _extra_column, _bad_key, _view_missing, _crop_outside,
-                 _crop_negative, _images_missing, _caption_missing]
+def _corrupt_second_row_group(path):
+    """Rewrite the Parquet file in row groups of 2 rows, then zero the first bytes of the second
+    row group's first column chunk (a page header), leaving the footer, the schema and the first
+    row group intact: the file opens, and fails part way."""
+    pq.write_table(pq.read_table(path), path, row_group_size=2)
+    column = pq.ParquetFile(path).metadata.row_group(1).column(0)
+    start = column.dictionary_page_offset or column.data_page_offset
+    data = bytearray(path.read_bytes())
+    data[start:start + 16] = bytes(16)
+    path.write_bytes(bytes(data))
+
+
+def _unreadable_row_group(root):
+    unit = _unit(root, 0)
+    _corrupt_second_row_group(root / unit["files"]["data"]["path"])
+    _refresh(root, unit["id"])
+    return [f"{_where(root, 0)}: cannot be read to its end ("]
+
+
+def _manifest_not_json(root):
+    (root / "dataset.json").write_text("{")
+    return [f"{root}: dataset.json is not valid JSON ("]
+
+
+def _manifest_schema(root):
+    _edit_json(root / "dataset.json", lambda m: m.update(status="finished"))
+    return ["dataset.json: status: 'finished' is not one of ['running', 'complete', 'incomplete']"]
+
+
+def _schema_version(root):
+    _edit_json(root / "dataset.json", lambda m: m.update(schema_version="9.0"))
+    return ["dataset schema version 9.0 is not supported by this dr-gen (it reads schema 1.x); upgrade dr-gen to read it"]
+
+
+def _column_missing(root):
+    _, _, table = _rewrite_parquet(root, 0, lambda t: t.drop_columns(["image_sha256"]))
+    return [f"{_where(root, 0)}: column image_sha256: missing, schema says {table.schema.field('image_sha256').type}"]
+
+
+def _column_type_differs(root):
+    _, _, table = _rewrite_parquet(root, 0, lambda t: t.set_column(
+        t.schema.get_field_index("image_width"), "image_width", t.column("image_width").cast(pa.float64())))
+    return [f"{_where(root, 0)}: column image_width: double, schema says {table.schema.field('image_width').type}"]
+
+
+ARROW_DAMAGES = [_manifest_not_json, _manifest_schema, _schema_version, _plan_hash, _plan_extra_unit, _plan_missing,
+                 _unit_not_in_plan, _marker_missing, _unit_missing_from_manifest, _status_incomplete, _columns_differ,
+                 _card_dim_differs, _failures_by_reason_sum, _size_differs, _failures_not_json, _failure_lacks_detail,
+                 _failure_unknown_reason, _not_parquet, _unreadable_row_group, _extra_column, _column_missing,
+                 _column_type_differs, _bad_key, _view_missing, _crop_outside, _crop_negative, _images_missing,
+                 _caption_missing]
 WEBDATASET_DAMAGES = [_image_bytes_changed, _unexpected_member, _json_key_differs, _json_field_missing,
                       _member_undecodable, _not_a_tar]
 
@@ -503,3 +549,211 @@ def test_each_check_reports_its_damage_in_arrow(arrow_copy, damage):
 @pytest.mark.parametrize("damage", WEBDATASET_DAMAGES, ids=lambda d: d.__name__.strip("_"))
 def test_each_check_reports_its_damage_in_webdataset(webdataset_copy, damage):
     _assert_reports(webdataset_copy, damage(webdataset_copy))
+
+
+# ---------------------------------------------------------------------- sidecars (`--extend`)
+
+
+@pytest.fixture(params=["arrow", "webdataset"])
+def extended_copy(request, extended, tmp_path):
+    return shutil.copytree(getattr(extended, request.param), tmp_path / request.param)
+
+
+def _extension(root):
+    return _manifest(root)["extensions"][0]["extension"]
+
+
+def _sidecar(root, index):
+    """(unit id, sidecar file path, its stats marker path) of unit `index`'s sidecar."""
+    unit = _unit(root, index)
+    extension = _extension(root)
+    return unit["id"], unit["files"][extension]["path"], f"sidecars/{extension}/{unit['id']}.stats.json"
+
+
+def _refresh_sidecar(root, index):
+    """Record the sidecar file as it now is, in its stats marker and in dataset.json."""
+    unit_id, path, marker = _sidecar(root, index)
+    data = (root / path).read_bytes()
+    recorded = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    _edit_json(root / marker, lambda m: m["files"]["data"].update(recorded))
+    units = _manifest(root)["units"]
+    units[index]["files"][_extension(root)].update(recorded)
+    _set_manifest_units(root, units)
+
+
+def _rewrite_sidecar_parquet(root, index, change):
+    """Rewrite unit `index`'s sidecar table with `change(table)`; returns the keys it had."""
+    _, path, _ = _sidecar(root, index)
+    table = pq.read_table(root / path)
+    pq.write_table(change(table), root / path)
+    _refresh_sidecar(root, index)
+    return table.column("key").to_pylist()
+
+
+def _rewrite_sidecar_tar(root, index, change):
+    """Rewrite unit `index`'s sidecar members with `change(list of [name, bytes], keys)`; returns the keys."""
+    _, path, _ = _sidecar(root, index)
+    with tarfile.open(root / path) as tar:
+        members = [[info.name, tar.extractfile(info).read()] for info in tar]
+    keys = list(dict.fromkeys(name.split(".")[0] for name, _ in members))
+    rewritten = io.BytesIO()
+    with tarfile.open(fileobj=rewritten, mode="w") as tar:
+        for name, data in change(members, keys):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    (root / path).write_bytes(rewritten.getvalue())
+    _refresh_sidecar(root, index)
+    return keys
+
+
+def _change_sidecar_rows(root, index, arrow_change, suffix, member_change):
+    """One damage to the values of a sidecar column, in whichever format the dataset has:
+    `arrow_change(table)`, or `member_change(bytes)` of the first sample's member `.suffix`."""
+    if _manifest(root)["format"] == "arrow":
+        return _rewrite_sidecar_parquet(root, index, arrow_change)
+
+    def change(members, keys):
+        return [[name, member_change(data) if name == f"{keys[0]}.{suffix}" else data] for name, data in members]
+    return _rewrite_sidecar_tar(root, index, change)
+
+
+def _npy(array):
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
+
+
+def _sidecar_marker_missing(root):
+    unit_id, _, marker = _sidecar(root, 1)
+    (root / marker).unlink()
+    return [f"unit {unit_id}: extension {_extension(root)} has no stats marker for it (not committed)"]
+
+
+def _sidecar_entry_differs(root):
+    unit_id, _, marker = _sidecar(root, 1)
+    _edit_json(root / marker, lambda m: m["files"]["data"].update(sha256="0" * 64))
+    return [f"unit {unit_id}: dataset.json entry of extension {_extension(root)} differs from its marker"]
+
+
+def _sidecar_not_listed(root):
+    unit_id = _unit(root, 1)["id"]
+    extension = _extension(root)
+    units = _manifest(root)["units"]
+    units[1]["files"].pop(extension)
+    _set_manifest_units(root, units)
+    return [f"unit {unit_id}: no file of extension {extension}",
+            f"unit {unit_id}: dataset.json entry of extension {extension} differs from its marker"]
+
+
+def _sidecar_file_missing(root):
+    unit_id, path, _ = _sidecar(root, 2)
+    (root / path).unlink()
+    return [f"unit {unit_id}: {path}: missing"]
+
+
+def _sidecar_keys_differ(root):
+    unit_id, path, _ = _sidecar(root, 0)
+    rows = _unit(root, 0)["samples"]
+    if _manifest(root)["format"] == "arrow":
+        _rewrite_sidecar_parquet(root, 0, lambda t: t.take(list(reversed(range(t.num_rows)))))
+    else:
+        _rewrite_sidecar_tar(root, 0, lambda members, keys: [m for m in members if not m[0].startswith(f"{keys[-1]}.")])
+        return [f"unit {unit_id}: {path}: its keys differ from the unit's data file from row {rows - 1} on "
+                f"({rows - 1} rows, the data file has {rows})"]
+    return [f"unit {unit_id}: {path}: its keys differ from the unit's data file from row 0 on "
+            f"({rows} rows, the data file has {rows})"]
+
+
+def _sidecar_captions(root):
+    def drop_caption(table):
+        position = table.schema.get_field_index("captions_coca_extra")
+        values = table.column(position).to_pylist()
+        values[0] = []
+        return table.set_column(position, table.schema.field(position), pa.array(values, table.schema.field(position).type))
+
+    keys = _change_sidecar_rows(root, 0, drop_caption, "captions.coca_extra.json", lambda data: b"[]")
+    return [f"{_where(root, 0, _extension(root))}: captions_coca_extra does not hold 1 captions (1 row: {keys[0]})"]
+
+
+def _sidecar_nan(root):
+    def nan(values):
+        values[0, 1, 2] = np.nan
+        return values
+
+    keys = _change_sidecar_rows(root, 0, lambda t: _with_embedding(t, "image_emb_tiny_extra", nan),
+                                "image_emb.tiny_extra.npy", lambda data: _npy(nan(np.load(io.BytesIO(data))[None].copy())[0]))
+    return [f"{_where(root, 0, _extension(root))}: image_emb_tiny_extra has NaN or inf (1 row: {keys[0]})"]
+
+
+def _sidecar_norm(root):
+    def longer(values):
+        values[0] *= 1.5
+        return values
+
+    keys = _change_sidecar_rows(root, 0, lambda t: _with_embedding(t, "image_emb_tiny_extra", longer),
+                                "image_emb.tiny_extra.npy", lambda data: _npy(longer(np.load(io.BytesIO(data))[None].copy())[0]))
+    return [f"{_where(root, 0, _extension(root))}: image_emb_tiny_extra has an L2 norm off 1 by more than 0.004 "
+            f"(its card says normalized) (1 row: {keys[0]})"]
+
+
+def _sidecar_not_parquet(root):
+    _, path, _ = _sidecar(root, 0)
+    (root / path).write_bytes(b"not a parquet file" * 10)
+    _refresh_sidecar(root, 0)
+    return [f"{_where(root, 0, _extension(root))}: not a Parquet file ("]
+
+
+def _sidecar_schema_differs(root):
+    _rewrite_sidecar_parquet(root, 0, lambda t: t.append_column("extra", pa.array([0] * t.num_rows)))
+    return [f"{_where(root, 0, _extension(root))}: its Arrow schema differs from extension {_extension(root)}'s layout"]
+
+
+def _sidecar_unreadable_row_group(root):
+    _, path, _ = _sidecar(root, 0)
+    _corrupt_second_row_group(root / path)
+    _refresh_sidecar(root, 0)
+    return [f"{_where(root, 0, _extension(root))}: cannot be read as extension {_extension(root)}'s layout says ("]
+
+
+def _sidecar_shape(root):
+    keys = _rewrite_sidecar_tar(root, 0, lambda members, keys: [
+        [name, _npy(np.load(io.BytesIO(data))[:2]) if name == f"{keys[0]}.image_emb.tiny_extra.npy" else data]
+        for name, data in members])
+    return [f"{_where(root, 0, _extension(root))}: image_emb_tiny_extra is [2, 64], the extension says [3, 64] "
+            f"(1 row: {keys[0]})"]
+
+
+def _sidecar_member_missing(root):
+    _rewrite_sidecar_tar(root, 0, lambda members, keys: [
+        m for m in members if m[0] != f"{keys[0]}.image_emb.tiny_extra.npy"])
+    return [f"{_where(root, 0, _extension(root))}: cannot be read as extension {_extension(root)}'s layout says ("]
+
+
+SIDECAR_DAMAGES = [_sidecar_marker_missing, _sidecar_entry_differs, _sidecar_not_listed, _sidecar_file_missing,
+                   _sidecar_keys_differ, _sidecar_captions, _sidecar_nan, _sidecar_norm]
+ARROW_SIDECAR_DAMAGES = [_sidecar_not_parquet, _sidecar_schema_differs, _sidecar_unreadable_row_group]
+WEBDATASET_SIDECAR_DAMAGES = [_sidecar_shape, _sidecar_member_missing]
+
+
+def test_extended_datasets_pass(extended):
+    for root in (extended.arrow, extended.webdataset):
+        code, lines = _validate(root)
+        assert (code, lines) == (0, ["intact: 3 units, 18 samples, 9 files checked"])
+
+
+@pytest.mark.parametrize("damage", SIDECAR_DAMAGES, ids=lambda d: d.__name__.strip("_"))
+def test_each_sidecar_check_reports_its_damage(extended_copy, damage):
+    _assert_reports(extended_copy, damage(extended_copy))
+
+
+@pytest.mark.parametrize("damage", ARROW_SIDECAR_DAMAGES, ids=lambda d: d.__name__.strip("_"))
+def test_each_sidecar_check_reports_its_damage_in_arrow(extended, tmp_path, damage):
+    root = shutil.copytree(extended.arrow, tmp_path / "arrow")
+    _assert_reports(root, damage(root))
+
+
+@pytest.mark.parametrize("damage", WEBDATASET_SIDECAR_DAMAGES, ids=lambda d: d.__name__.strip("_"))
+def test_each_sidecar_check_reports_its_damage_in_webdataset(extended, tmp_path, damage):
+    root = shutil.copytree(extended.webdataset, tmp_path / "wds")
+    _assert_reports(root, damage(root))
