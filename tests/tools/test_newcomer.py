@@ -140,23 +140,16 @@ def test_make_setups_editable_install_prints_nothing(tmp_path):
     assert done.stdout + done.stderr == ""
 
 
-def test_show_draws_with_a_wide_font_and_names_the_characters_it_cannot(quickstart_run, monkeypatch):
-    from PIL import ImageFont
+def test_show_draws_with_the_bundled_fonts_and_names_the_characters_they_lack(quickstart_run):
+    from dr_pipeline.tools.show import FONT_SIZE, CaptionFonts
 
-    from dr_pipeline.tools.show import FONT_SIZE, caption_font, missing_glyphs
-
-    pillow_default = ImageFont.load_default(size=FONT_SIZE)
-    assert missing_glyphs("A cat, привет, 日本", pillow_default) == sorted(set("привет日本"))
-    assert missing_glyphs("A plain Latin caption.", pillow_default) == []
     _, root = quickstart_run
     done = _cli(["show", str(root / "out"), "--key", "000000000", "--out", str(root / "grid.png"), "--json"], root)
     assert done.returncode == 0, done.stderr
     shown = json.loads(done.stdout)
-    font, name = caption_font(FONT_SIZE)
-    assert shown["font"] == name
-    assert shown["missing_glyphs"] == missing_glyphs("".join(c["text"] for c in shown["captions"]), font)
-    monkeypatch.setenv("DR_GEN_FONT", "/nonexistent/font.ttf")  # ignored: the next candidate is used
-    assert caption_font(FONT_SIZE)[1] == name
+    text = "".join(c["text"] for c in shown["captions"])
+    assert "NotoSansCJK-Regular.ttc" in shown["fonts"]
+    assert shown["missing_glyphs"] == CaptionFonts(FONT_SIZE).missing(text)
 
 
 def test_verify_prints_whole_teacher_ids_at_80_columns(quickstart_run):
