@@ -4,6 +4,10 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 # torch/torchvision come first so pip does not pull a different build for them.
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+# setuptools reports how it made the editable install as a warning, which pip shows even with
+# --quiet; it is information, not a problem, so that one message is filtered out (pip's own
+# warnings and every error still show).
+EDITABLE_INSTALL := PYTHONWARNINGS='ignore:Editable installation' $(BIN)/python -m pip install --quiet -e
 export RAY_USAGE_STATS_ENABLED := 0
 
 .PHONY: setup browser demo test mutations bench clean
@@ -12,7 +16,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet $(TORCH_SPEC)
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(EDITABLE_INSTALL) '.[dev]'
 	touch $@
 
 setup: $(VENV)/.installed

@@ -103,16 +103,19 @@ def run(
     job = _guarded(lambda: with_storage_options(
         load_job(job_file, input_urls=_input_override(input_urls), output_url=output), _storage_options(storage_options)))
     with _quiet(job.name, always_announce=True):  # the log line comes last
-        # torch and Ray are imported only once the job file is known good, their messages into the log
-        from dr_pipeline.execution.extend import extend_dataset
+        # torch and Ray are imported only once the job file is known good, their messages into the log;
+        # the extension's modules (reader, replay, decode) only for --extend
         from dr_pipeline.execution.progress import ProgressDisplay
-        from dr_pipeline.execution.runner import run_job
 
         try:
             with ProgressDisplay(console, job.name) as display:
                 if extend is not None:
+                    from dr_pipeline.execution.extend import extend_dataset
+
                     summary = _guarded(lambda: extend_dataset(job, address=address, on_progress=display.update))
                 else:
+                    from dr_pipeline.execution.runner import run_job
+
                     summary = _guarded(lambda: run_job(job, address=address, overwrite=overwrite,
                                                        on_progress=display.update))
         except KeyboardInterrupt:  # before any unit ran (planning, starting Ray)
@@ -262,10 +265,9 @@ def show(
     console.print(f"{shown['key']} (unit {shown['unit']}) -> {out} ({shown['png_size'][0]} x {shown['png_size'][1]})",
                   markup=False, highlight=False, soft_wrap=True)
     if shown["missing_glyphs"]:
-        errors.print(f"note: {len(shown['missing_glyphs'])} characters of the captions have no glyph in "
-                     f"{shown['font']} and show as boxes ({''.join(shown['missing_glyphs'][:20])}); set "
-                     f"DR_GEN_FONT to a font that has them (e.g. Noto Sans CJK)", markup=False, highlight=False,
-                     soft_wrap=True)
+        errors.print(f"note: {len(shown['missing_glyphs'])} characters of the captions have no glyph in the "
+                     f"bundled fonts and show as boxes ({''.join(shown['missing_glyphs'][:20])}); set "
+                     f"DR_GEN_FONT to a font that has them", markup=False, highlight=False, soft_wrap=True)
     if shown["also_matching"]:
         others = ", ".join(f"{m['key']} in unit {m['unit']}" for m in shown["also_matching"])
         errors.print(f"note: --key {key} is ambiguous: {1 + len(shown['also_matching'])} samples match; shown: "

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import math
 import os
+import unicodedata
 from dataclasses import dataclass
+from importlib.resources import files
 from typing import Any
 
 import fsspec
@@ -90,8 +92,8 @@ def show_sample(dataset: ReinforcedDataset, key: str | None, out_path: str, seed
         for i, text in enumerate(sample.row[c.column])
     ]
     picture = render_grid(original, views, sample.row["aug"], cosines, captions)
-    font, font_name = caption_font(FONT_SIZE)
-    unrenderable = missing_glyphs("".join(text for _, text in captions), font)
+    fonts = CaptionFonts(FONT_SIZE)
+    caption_text = "".join(text for _, text in captions)
     with fsspec.open(out_path, "wb") as handle:
         picture.save(handle, format="PNG")
     return {
@@ -105,52 +107,105 @@ def show_sample(dataset: ReinforcedDataset, key: str | None, out_path: str, seed
         "cosines": {teacher: [float(c) for c in values] for teacher, values in cosines.items()},
         "out": out_path,
         "png_size": list(picture.size),
-        "font": font_name,
-        "missing_glyphs": unrenderable,  # drawn as boxes: the font has no glyph for them
+        "fonts": fonts.used(caption_text),  # the files of the fonts that drew the captions
+        "missing_glyphs": fonts.missing(caption_text),  # drawn as boxes: no font has a glyph for them
     }
 
 
 FONT_ENV = "DR_GEN_FONT"
-# Wide-coverage fonts where Linux distributions put them (fonts-noto-cjk: Latin, Greek, Cyrillic, CJK;
-# DejaVu: Latin, Greek, Cyrillic, Hebrew, Arabic); the first present draws the PNG's text.
-SYSTEM_FONTS = (
-    "/usr/share/fonts/opentype/noto/NotoSansCJK-Regular.ttc",
-    "/usr/share/fonts/noto-cjk/NotoSansCJK-Regular.ttc",
-    "/usr/share/fonts/google-noto-cjk/NotoSansCJK-Regular.ttc",
-    "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
-    "/usr/share/fonts/dejavu/DejaVuSans.ttf",
-)
+# Bundled by dependencies (SIL Open Font License): Noto Sans CJK (Latin, Greek, Cyrillic, Chinese,
+# Japanese, Korean), then Noto Sans and its faces for the scripts it lacks (Arabic, Hebrew, the Indic
+# scripts, Thai, Khmer, ...), Noto Sans Symbols and Noto Emoji last.
+CJK_FONT_PACKAGE, CJK_FONT_FILE = "noto_cjk_sans_otc", "NotoSansCJK-Regular.ttc"
+SCRIPT_FONTS_PACKAGE = "manimgx_fonts"
+_LAST_RESORT = ("NotoSansSymbols", "NotoEmoji")
 
 
-def caption_font(size: int) -> tuple[ImageFont.FreeTypeFont | ImageFont.ImageFont, str]:
-    """The font the PNG's text is drawn with, and its name: $DR_GEN_FONT, else the first of
-    SYSTEM_FONTS present, else Pillow's own (Latin only)."""
-    for path in (os.environ.get(FONT_ENV), *SYSTEM_FONTS):
-        if path and os.path.isfile(path):
-            return ImageFont.truetype(path, size), path
-    return ImageFont.load_default(size=size), "Pillow's default font"
+def bundled_font_paths() -> list[str]:
+    """The bundled fonts' files, in the order they are tried for a character."""
+    scripts = [path for path in files(SCRIPT_FONTS_PACKAGE).iterdir()
+               if path.name.endswith(".ttf") and "Italic" not in path.name]
+    scripts.sort(key=lambda path: (path.name.startswith(_LAST_RESORT), not path.name.startswith("NotoSans["),
+                                   path.name))
+    return [str(files(CJK_FONT_PACKAGE) / CJK_FONT_FILE), *map(str, scripts)]
 
 
-def missing_glyphs(text: str, font: ImageFont.FreeTypeFont | ImageFont.ImageFont) -> list[str]:
-    """The characters of `text` the font has no glyph for (drawn as its empty box): those whose
-    bitmap equals the one of a private-use code point no font maps."""
-    def bitmap(character: str) -> bytes:
-        mask = font.getmask(character)
-        return bytes(mask) + bytes(str(mask.size), "ascii")
+class CaptionFonts:
+    """The PNG's text, drawn character by character in the first font that has a glyph for it:
+    $DR_GEN_FONT when set, then the bundled fonts. Characters no font has are drawn as the first
+    font's empty box and listed by `missing`."""
 
-    missing_box = bitmap("\U0010fffd")
-    return sorted({c for c in text if not c.isspace() and c.isprintable() and bitmap(c) == missing_box})
+    def __init__(self, size: int) -> None:
+        chosen = os.environ.get(FONT_ENV)
+        paths = ([chosen] if chosen and os.path.isfile(chosen) else []) + bundled_font_paths()
+        self.fonts = [ImageFont.truetype(path, size) for path in paths]
+        self.paths = paths
+        self._missing_boxes = [_bitmap(font, "\U0010fffd") for font in self.fonts]  # a code point no font maps
+        self._font_of: dict[str, int | None] = {}
+
+    def font_index(self, character: str) -> int | None:
+        """Which font draws `character` (None: no font has it; whitespace: the first)."""
+        if character not in self._font_of:
+            if character.isspace() or not character.isprintable():
+                self._font_of[character] = 0
+            else:
+                self._font_of[character] = next(
+                    (i for i, (font, box) in enumerate(zip(self.fonts, self._missing_boxes))
+                     if _bitmap(font, character) != box), None)
+        return self._font_of[character]
+
+    def runs(self, text: str) -> list[tuple[ImageFont.FreeTypeFont, str]]:
+        """`text` cut into runs of one font each (whitespace and missing characters join the run
+        before them), so each run is laid out (and shaped, e.g. Arabic) as a whole."""
+        runs: list[tuple[int, str]] = []
+        for character in text:
+            index = self.font_index(character)
+            if runs and (index is None or index == runs[-1][0] or character.isspace() or _is_mark(character)):
+                runs[-1] = (runs[-1][0], runs[-1][1] + character)
+            else:
+                runs.append((index or 0, character))
+        return [(self.fonts[index], run) for index, run in runs]
+
+    def length(self, text: str) -> float:
+        return sum(font.getlength(run) for font, run in self.runs(text))
+
+    def draw(self, draw: ImageDraw.ImageDraw, xy: tuple[float, float], text: str, fill: str) -> None:
+        """`text` from `xy` (top left, as ImageDraw.text), every run on the first font's baseline."""
+        x, y = xy
+        baseline = y + self.fonts[0].getmetrics()[0]
+        for font, run in self.runs(text):
+            draw.text((x, baseline), run, fill, font, anchor="ls")
+            x += font.getlength(run)
+
+    def missing(self, text: str) -> list[str]:
+        """The characters of `text` no font has a glyph for (drawn as boxes); combining marks go
+        with the character before them and are not judged alone."""
+        return sorted({c for c in text if not _is_mark(c) and self.font_index(c) is None})
+
+    def used(self, text: str) -> list[str]:
+        """The file names of the fonts that draw `text`."""
+        return sorted({os.path.basename(self.paths[self.font_index(c) or 0]) for c in text if not c.isspace()})
+
+
+def _is_mark(character: str) -> bool:
+    """A combining mark (e.g. a Devanagari vowel sign): drawn in its base character's font."""
+    return unicodedata.category(character).startswith("M")
+
+
+def _bitmap(font: ImageFont.FreeTypeFont, character: str) -> bytes:
+    mask = font.getmask(character)
+    return bytes(mask) + bytes(str(mask.size), "ascii")
 
 
 def _to_pil(pixels: torch.Tensor) -> Image.Image:
     return Image.fromarray(pixels.permute(1, 2, 0).contiguous().numpy())
 
 
-def _fit(text: str, font: ImageFont.FreeTypeFont, width: int) -> str:
+def _fit(text: str, fonts: CaptionFonts, width: int) -> str:
     """The text cut with an ellipsis so it fits `width` pixels on one line."""
-    if font.getlength(text) <= width:
+    if fonts.length(text) <= width:
         return text
-    while text and font.getlength(text + "…") > width:
+    while text and fonts.length(text + "…") > width:
         text = text[:-1]
     return text + "…"
 
@@ -175,7 +230,7 @@ def render_grid(
 ) -> Image.Image:
     """The picture: original with crop boxes, then the views with their labels and cosines, then captions."""
     layout = GridLayout(num_views=len(views), num_teachers=len(cosines), num_captions=len(captions))
-    font, _ = caption_font(FONT_SIZE)
+    fonts = CaptionFonts(FONT_SIZE)
     picture = Image.new("RGB", layout.size, "white")
     draw = ImageDraw.Draw(picture)
 
@@ -188,7 +243,7 @@ def render_grid(
         top, left, height, width = view.crop
         box = [x + left * scale, y + top * scale, x + (left + width) * scale - 1, y + (top + height) * scale - 1]
         draw.rectangle(box, outline=_PALETTE[index % len(_PALETTE)], width=2)
-    draw.text((x, y + TILE), _fit(f"original {original.shape[1]}x{original.shape[2]}", font, TILE), "black", font)
+    fonts.draw(draw, (x, y + TILE), _fit(f"original {original.shape[1]}x{original.shape[2]}", fonts, TILE), "black")
 
     for index, view in enumerate(views):
         x, y = layout.cell_origin(index + 1)
@@ -197,13 +252,13 @@ def render_grid(
             tile = tile.resize((TILE, TILE), Image.Resampling.BICUBIC)
         picture.paste(tile, (x, y))
         draw.rectangle([x, y, x + TILE - 1, y + TILE - 1], outline=_PALETTE[index % len(_PALETTE)], width=2)
-        draw.text((x, y + TILE), _fit(_view_label(index, params[index]), font, TILE), "black", font)
+        fonts.draw(draw, (x, y + TILE), _fit(_view_label(index, params[index]), fonts, TILE), "black")
         for line, (teacher, values) in enumerate(cosines.items(), start=1):
-            text = _fit(f"{teacher}  {values[index]:.4f}", font, TILE)
-            draw.text((x, y + TILE + line * LINE), text, "dimgray", font)
+            text = _fit(f"{teacher}  {values[index]:.4f}", fonts, TILE)
+            fonts.draw(draw, (x, y + TILE + line * LINE), text, "dimgray")
 
     y = GAP + layout.rows * (layout.cell_height + GAP)
     text_width = layout.size[0] - 2 * GAP
     for line, (source, text) in enumerate(captions):
-        draw.text((GAP, y + line * LINE), _fit(f"{source}: {text}", font, text_width), "black", font)
+        fonts.draw(draw, (GAP, y + line * LINE), _fit(f"{source}: {text}", fonts, text_width), "black")
     return picture

@@ -6,6 +6,8 @@ exports with the README's own command."""
 import json
 import os
 import re
+import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -111,23 +113,43 @@ def test_package_metadata_builds_without_deprecation_warnings(tmp_path):
     assert "License-Expression: Apache-2.0" in metadata.read_text()
 
 
-def test_show_draws_with_a_wide_font_and_names_the_characters_it_cannot(quickstart_run, monkeypatch):
-    from PIL import ImageFont
+def test_make_setups_editable_install_prints_nothing(tmp_path):
+    """`make setup`'s editable install, as the Makefile spells it (its environment and flags), prints
+    nothing: setuptools' "Editable installation" notice, which pip shows even with --quiet, is
+    filtered. Run on a copy of the project into a fresh virtualenv, without dependencies, with this
+    Python's pip (recent enough to show build-backend warnings) aimed at that virtualenv."""
+    project = tmp_path / "project"
+    project.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPOSITORY / name, project / name)
+    for package in ("dr_pipeline", "teachers", "schemas"):
+        shutil.copytree(REPOSITORY / package, project / package, ignore=shutil.ignore_patterns("__pycache__"))
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    planned = subprocess.run(["make", "-n", "-s", "setup", f"VENV={venv}"], cwd=REPOSITORY, capture_output=True,
+                             text=True, check=True, timeout=60).stdout.splitlines()
+    (line,) = [line for line in planned if " -e '.[dev]'" in line]
+    words = shlex.split(line)
+    assignments = [word for word in words if re.match(r"^[A-Z_]+=", word)]
+    command = words[len(assignments):]
+    assert command[:3] == [str(venv / "bin" / "python"), "-m", "pip"] and command[-1] == ".[dev]"
+    env = {**os.environ, **dict(assignment.split("=", 1) for assignment in assignments)}
+    install = [sys.executable, "-m", "pip", "--python", command[0], *command[3:-1], ".", "--no-deps"]
+    done = subprocess.run(install, cwd=project, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout + done.stderr == ""
 
-    from dr_pipeline.tools.show import FONT_SIZE, caption_font, missing_glyphs
 
-    pillow_default = ImageFont.load_default(size=FONT_SIZE)
-    assert missing_glyphs("A cat, привет, 日本", pillow_default) == sorted(set("привет日本"))
-    assert missing_glyphs("A plain Latin caption.", pillow_default) == []
+def test_show_draws_with_the_bundled_fonts_and_names_the_characters_they_lack(quickstart_run):
+    from dr_pipeline.tools.show import FONT_SIZE, CaptionFonts
+
     _, root = quickstart_run
     done = _cli(["show", str(root / "out"), "--key", "000000000", "--out", str(root / "grid.png"), "--json"], root)
     assert done.returncode == 0, done.stderr
     shown = json.loads(done.stdout)
-    font, name = caption_font(FONT_SIZE)
-    assert shown["font"] == name
-    assert shown["missing_glyphs"] == missing_glyphs("".join(c["text"] for c in shown["captions"]), font)
-    monkeypatch.setenv("DR_GEN_FONT", "/nonexistent/font.ttf")  # ignored: the next candidate is used
-    assert caption_font(FONT_SIZE)[1] == name
+    text = "".join(c["text"] for c in shown["captions"])
+    assert "NotoSansCJK-Regular.ttc" in shown["fonts"]
+    assert shown["missing_glyphs"] == CaptionFonts(FONT_SIZE).missing(text)
 
 
 def test_verify_prints_whole_teacher_ids_at_80_columns(quickstart_run):

@@ -3,14 +3,15 @@
 import json
 
 import numpy as np
-from PIL import Image
+import pytest
+from PIL import Image, ImageDraw
 from typer.testing import CliRunner
 
 from dr_pipeline.views.augment import render_view
 from dr_pipeline.cli import app
 from dr_pipeline.views.decode import decode_image
 from dr_pipeline.read.reader import open_dataset
-from dr_pipeline.tools.show import GAP, LINE, TILE, GridLayout
+from dr_pipeline.tools.show import FONT_ENV, FONT_SIZE, GAP, LINE, TILE, CaptionFonts, GridLayout, bundled_font_paths
 
 
 def _row(url, key):
@@ -73,3 +74,37 @@ def test_show_without_key_picks_a_sample_and_refuses_an_unknown_key(reinforced, 
     assert json.loads(again.stdout)["key"] == shown["key"]
     missing = CliRunner().invoke(app, ["show", reinforced.arrow, "--key", "nope", "--out", str(out)])
     assert missing.exit_code == 2 and "no sample with key 'nope'" in missing.stderr
+
+
+def _glyph(font, character):
+    mask = font.getmask(character)
+    return bytes(mask), mask.size
+
+
+def _line(fonts, text):
+    picture = Image.new("L", (600, 2 * LINE), 255)
+    fonts.draw(ImageDraw.Draw(picture), (0, 0), text, 0)
+    return np.asarray(picture)
+
+
+@pytest.mark.parametrize("text", ["日本語の猫と한국어", "кошка на диване", "قطة على الأريكة"])
+def test_captions_in_other_scripts_are_drawn_with_the_bundled_fonts_not_as_boxes(text):
+    """Each character's glyph, in the font chosen for it, has ink and is not that font's missing-glyph
+    box; the drawn line differs from a line of boxes."""
+    fonts = CaptionFonts(FONT_SIZE)
+    assert fonts.missing(text) == []
+    for character in text.replace(" ", ""):
+        font = fonts.fonts[fonts.font_index(character)]
+        glyph = _glyph(font, character)
+        assert any(glyph[0]) and glyph != _glyph(font, "\U0010fffd"), character
+    drawn = _line(fonts, text)
+    assert (drawn < 128).any() and not np.array_equal(drawn, _line(fonts, "\U0010fffd" * len(text)))
+
+
+def test_characters_no_font_has_are_named_and_dr_gen_font_comes_first(monkeypatch):
+    assert CaptionFonts(FONT_SIZE).missing("a \U00013000 b") == ["\U00013000"]  # Egyptian hieroglyphs
+    hebrew = next(path for path in bundled_font_paths() if "Hebrew" in path)
+    monkeypatch.setenv(FONT_ENV, hebrew)
+    assert CaptionFonts(FONT_SIZE).paths == [hebrew, *bundled_font_paths()]
+    monkeypatch.setenv(FONT_ENV, "/nonexistent/font.ttf")  # ignored: the bundled fonts draw
+    assert CaptionFonts(FONT_SIZE).paths == bundled_font_paths()
