@@ -9,6 +9,7 @@ is a missing test.
     python tests/mutations.py                  # every mutation (long: one pytest run each)
     python tests/mutations.py --only NAME ...  # some of them (--skip NAME ... to leave some out)
     python tests/mutations.py --list           # names, files and tests
+    python tests/mutations.py --datasets DIR   # keep the reused datasets in DIR across invocations
 
 Mutations marked `datasets_reused` change only code that reads datasets (validate, verify,
 replay): their runs share the `reinforced` datasets through DR_GEN_TEST_DATASETS, built once
@@ -236,15 +237,15 @@ def missing_tests(mutations: list[Mutation]) -> list[str]:
             for m in mutations for test in m.tests if not (REPOSITORY / test.split("::")[0]).exists()]
 
 
-def run(mutations: list[Mutation], python: str) -> bool:
+def run(mutations: list[Mutation], python: str, datasets: Path | None = None) -> bool:
     if problems := stale(mutations):  # every edit is checked against the code before anything runs
         raise SystemExit("\n".join(problems) + "\nupdate tests/mutations.py to the code")
     rows, survived = [], []
     with tempfile.TemporaryDirectory(prefix="dr-gen-mutations-") as temp:
         root = Path(temp) / "repo"
         shutil.copytree(REPOSITORY, root, ignore=COPY_IGNORED)
-        datasets = Path(temp) / "datasets"
-        datasets.mkdir()
+        datasets = datasets or Path(temp) / "datasets"
+        datasets.mkdir(parents=True, exist_ok=True)
         for mutation in mutations:
             original = apply(root, mutation)
             env = {**os.environ, "PYTHONPATH": str(root), "RAY_ADDRESS": ""}
@@ -278,6 +279,9 @@ def main() -> None:
     parser.add_argument("--only", nargs="+", metavar="NAME", help="run only these mutations (names or parts of them)")
     parser.add_argument("--skip", nargs="+", metavar="NAME", default=[], help="leave out these mutations (names or parts)")
     parser.add_argument("--list", action="store_true", help="list the mutations and exit")
+    parser.add_argument("--datasets", type=Path, metavar="DIR",
+                        help="build the reused datasets in DIR once and keep them for later invocations "
+                             "(default: a temporary folder per invocation)")
     args = parser.parse_args()
     chosen = [m for m in MUTATIONS if (not args.only or any(part in m.name for part in args.only))
               and not any(part in m.name for part in args.skip)]
@@ -287,7 +291,7 @@ def main() -> None:
         return
     if not chosen:
         raise SystemExit(f"no mutation matches {args.only}")
-    sys.exit(0 if run(chosen, sys.executable) else 1)
+    sys.exit(0 if run(chosen, sys.executable, args.datasets) else 1)
 
 
 if __name__ == "__main__":
