@@ -11,3 +11,9 @@ class ConfigError(DrGenError):
 
 class DatasetError(DrGenError):
     """An output folder is missing, unreadable, or of an unknown schema version."""
+
+
+def one_line(error: BaseException) -> str:
+    """The last meaningful line of an error, as users should see it."""
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    return lines[-1] if lines else type(error).__name__

@@ -21,6 +21,7 @@ import ray
 from ray.autoscaler.sdk import request_resources
 
 from dr_pipeline.core.config import JobConfig
+from dr_pipeline.core.errors import DrGenError, one_line
 
 WATCH_SECONDS = 1.0  # how often the cluster's nodes and resources are read again
 
@@ -80,9 +81,12 @@ class ModelActors:
         return actors
 
     def wait_started(self) -> dict[str, Any]:
-        """Wait for the first `min` actors (a RayError if one fails to start); returns the
-        cards of their models."""
-        described = ray.get(self.first)
+        """Wait for the first `min` actors (a DrGenError naming why if one fails to start);
+        returns the cards of their models."""
+        try:
+            described = ray.get(self.first)
+        except ray.exceptions.RayError as error:
+            raise DrGenError(f"model actors failed to start: {one_line(error)}") from None
         self.watch(force=True)
         return described[0]
 

@@ -42,7 +42,7 @@ from dr_pipeline.sources.inputs import (
     detect_format,
     list_shards,
 )
-from dr_pipeline.execution.runner import check_job
+from dr_pipeline.generate.model_worker import check_job
 from schemas import load_spec
 from teachers import model_cost
 
