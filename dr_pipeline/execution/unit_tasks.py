@@ -4,7 +4,7 @@ shares, whether it writes a run's unit (runner) or an extension's sidecar (exten
 Driver: `run_unit_tasks` keeps at most `resources.cpu_workers` tasks in flight, each placed on
 the node of the least loaded live model actor, hands a unit whose actor or node was lost to a
 live one, and cancels the tasks in flight on Ctrl-C. Ray runs a task again when it fails with
-an `OSError` (twice); inside, `with_storage_retries` redoes the unit on transient storage errors.
+an `OSError` (twice); inside, `storage_retried` redoes the unit on transient storage errors.
 Task: `model_results` keeps a few batches queued on the actor, retries a failing batch, then
 its rows one by one.
 """
