@@ -7,7 +7,7 @@ above what it started with, `held` what it still holds when done, plus wall seco
   plan      make_plan over N shard URLs, write plan.json, read it back (the plan stays held:
             the driver needs the unit list)
   resume    the committed units of the plan from N stats markers (one listing), the units left
-  schedule  runner.run_unit_tasks over N units with the unit tasks faked: each returns its stats
+  schedule  unit_tasks.run_unit_tasks over N units with the unit tasks faked: each returns its stats
             at once, so only the driver's own bookkeeping is measured (Ray's wait/get replaced)
   manifest  dataset.json streamed from N stats markers (manifest.write_manifest)
 
@@ -33,7 +33,7 @@ from typing import Any, Callable, Iterator
 import ray
 from fsspec.implementations.memory import MemoryFileSystem
 
-from dr_pipeline.execution import runner
+from dr_pipeline.execution import unit_tasks
 from dr_pipeline.core.config import JobConfig, parse_job
 from dr_pipeline.dataset.manifest import StatsSum, committed_unit_ids, iter_unit_stats, manifest_head, write_manifest
 from dr_pipeline.dataset.plan import Unit, make_plan, read_plan, write_plan
@@ -116,16 +116,16 @@ class _FakeTask:
 
 
 class _OneActor:
-    """Stands for runner.ModelActors: one live actor on a node that never leaves."""
+    """Stands for model_actors.ModelActors: one live actor on a node that never leaves."""
 
     def __init__(self) -> None:
-        self.live = [runner.ModelActor("actor", "ab" * 28, None)]
+        self.live = [unit_tasks.ModelActor("actor", "ab" * 28, None)]
         self.starting: dict[Any, Any] = {}
 
     def watch(self, force: bool = False) -> None:
         pass
 
-    def least_loaded(self) -> runner.ModelActor:
+    def least_loaded(self) -> unit_tasks.ModelActor:
         return self.live[0]
 
 
@@ -139,13 +139,13 @@ _FAKE_RAY = types.SimpleNamespace(
 
 @contextlib.contextmanager
 def fake_unit_tasks() -> Iterator[None]:
-    """runner's Ray calls answered at once (restored after), so the scheduling loop runs without Ray."""
-    saved = runner.ray, runner.start_tally
-    runner.ray, runner.start_tally = _FAKE_RAY, lambda: _FAKE_TALLY
+    """unit_tasks' Ray calls answered at once (restored after), so the scheduling loop runs without Ray."""
+    saved = unit_tasks.ray, unit_tasks.start_tally
+    unit_tasks.ray, unit_tasks.start_tally = _FAKE_RAY, lambda: _FAKE_TALLY
     try:
         yield
     finally:
-        runner.ray, runner.start_tally = saved
+        unit_tasks.ray, unit_tasks.start_tally = saved
 
 
 def measured(name: str, phases: list[Phase], work: Callable[[], Any]) -> Any:
@@ -166,7 +166,6 @@ def measure(units: int, folder: str) -> list[Phase]:
     markers = Location(_PrivateMemoryFileSystem(), "/markers")
     config_hash = job.output_hash()
     write_markers(markers, make_plan(job.input.url_list), config_hash)
-    layout = runner.layout_for(job, CARDS)
     phases: list[Phase] = []
     tracemalloc.start()
     try:
@@ -182,12 +181,12 @@ def measure(units: int, folder: str) -> list[Phase]:
 
         left = measured("resume", phases, resume)
         assert not left
-        summary = runner.RunSummary(output=folder, units_planned=units)
+        summary = unit_tasks.RunSummary(output=folder, units_planned=units)
         with fake_unit_tasks():
-            written: StatsSum = measured("schedule", phases, lambda: runner.run_unit_tasks(
+            written: StatsSum = measured("schedule", phases, lambda: unit_tasks.run_unit_tasks(
                 _FakeTask(config_hash), planned, (), _OneActor(), job, summary, None)[0])
         assert written.units == summary.units_done == units
-        head = manifest_head(job, layout, CARDS, "2025-01-01T00:00:00+00:00")
+        head = manifest_head(job, CARDS, "2025-01-01T00:00:00+00:00")
         totals = measured("manifest", phases, lambda: write_manifest(
             out, head, iter_unit_stats(markers, (u.id for u in planned)), units, {"runs": []}))
         assert totals["units_done"] == units

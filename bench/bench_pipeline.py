@@ -42,11 +42,11 @@ import torch
 
 from dr_pipeline.core.config import JobConfig, load_job, parse_job
 from dr_pipeline.tools.estimate import GPU_PEAK_TFLOPS, gpu_name_of_device, teacher_work
-from dr_pipeline.dataset.manifest import read_manifest
+from dr_pipeline.dataset.manifest import layout_for, read_manifest
 from dr_pipeline.generate.model_worker import ModelWorker, model_threads
 from dr_pipeline.dataset.plan import make_plan
 from dr_pipeline.generate.prepare import caption_input_sizes, prepare_unit
-from dr_pipeline.execution.runner import layout_for, run_job
+from dr_pipeline.execution.runner import run_job
 from dr_pipeline.tools.sample_data import write_sample_data
 from dr_pipeline.core.storage import Location
 from dr_pipeline.core.timing import StageClock

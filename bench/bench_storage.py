@@ -27,7 +27,7 @@ import torch
 
 from dr_pipeline.views.augment import sample_views
 from dr_pipeline.core.config import TeacherConfig, load_job
-from dr_pipeline.execution.runner import layout_for
+from dr_pipeline.dataset.manifest import layout_for
 from dr_pipeline.core.schema import DatasetLayout, from_storage, quantize_int8, storage_columns, transfer_dtype
 from dr_pipeline.core.storage import Location
 from dr_pipeline.dataset.formats import open_unit_writer

@@ -23,7 +23,7 @@ from dr_pipeline.core.errors import ConfigError, DatasetError, error_line
 from dr_pipeline.core.records import ModelCards, Totals, UnitStats
 from dr_pipeline.dataset.formats import format_for
 from dr_pipeline.dataset.plan import DATA_DIR, Unit
-from dr_pipeline.core.schema import SCHEMA_VERSION, DatasetLayout, validate_manifest
+from dr_pipeline.core.schema import SCHEMA_VERSION, CaptionerColumns, DatasetLayout, TeacherColumns, validate_manifest
 from dr_pipeline.core.storage import Location, redact_url
 
 MANIFEST_FILE = "dataset.json"
@@ -110,10 +110,27 @@ def totals(units_planned: int, unit_stats: Iterable[UnitStats]) -> Totals:
     return summed.totals(units_planned)
 
 
-def manifest_head(
-    job: JobConfig, layout: DatasetLayout, cards: ModelCards, created_at: str,
-) -> dict[str, Any]:
+def layout_for(job: JobConfig, cards: ModelCards) -> DatasetLayout:
+    """The columns of JOB's dataset, its models having these cards."""
+    return DatasetLayout(
+        num_views=job.augmentation.num_views,
+        embedding_dtype=job.output.embedding_dtype,
+        teachers=tuple(
+            TeacherColumns(t.id, card["embedding_dim"], card["has_image"], card["has_text"])
+            for t, card in zip(job.teachers, cards["teachers"])
+        ),
+        captioners=tuple(CaptionerColumns(c.id, c.num_captions) for c in job.captioners),
+    )
+
+
+def manifest_cards(manifest: dict[str, Any]) -> ModelCards:
+    """The teacher and captioner cards a manifest records, as the models' `describe()` gives them."""
+    return {kind: [entry["card"] for entry in manifest[kind]] for kind in ("teachers", "captioners")}
+
+
+def manifest_head(job: JobConfig, cards: ModelCards, created_at: str) -> dict[str, Any]:
     """Everything in dataset.json but the units, their totals, the status and the runs."""
+    layout = layout_for(job, cards)
     config = job.public_dump()
     config["input"]["urls"] = [redact_url(u) for u in job.input.url_list]
     config["output"]["url"] = redact_url(job.output.url)

@@ -13,11 +13,12 @@ by key and captioner as in any run); the new teachers embed the views and every 
 (the real caption, OUT's synthetic captions, the new ones); OUT's teachers embed only the new
 captions. The result is the dataset a run with the combined job would have written.
 
-Commit protocol as for base units: a sidecar file is written under a temp name and renamed,
-its stats marker last; a rerun skips committed sidecar units. When every unit is committed,
-dataset.json is rewritten atomically (combined config, cards, layout and text_rows, the
-sidecar files per unit, the extension's columns), so readers see the dataset before or after
-the extension, never between. A run killed at any point and rerun ends with the same files.
+Commit protocol as for base units, through the same sink (sink.SidecarSink): a sidecar file is
+written under a temp name and renamed, its stats marker last; a rerun skips committed sidecar
+units. When every unit is committed, dataset.json is rewritten atomically (combined config,
+cards, layout and text_rows, the sidecar files per unit, the extension's columns), so readers
+see the dataset before or after the extension, never between. A run killed at any point and
+rerun ends with the same files.
 """
 
 from __future__ import annotations
@@ -32,41 +33,25 @@ import ray
 import torch
 
 from dr_pipeline.core.config import JobConfig, parse_job
-from dr_pipeline.views.decode import decode_image
 from dr_pipeline.core.errors import ConfigError, DrGenError
-from dr_pipeline.core.records import ModelCards, UnitStats
-from dr_pipeline.execution.lease import OutputLease
-from dr_pipeline.dataset.manifest import (
-    StatsSum,
-    manifest_head,
-    read_manifest,
-    read_runs,
-    read_unit_stats,
-    write_manifest,
-    write_runs,
-)
-from dr_pipeline.generate.model_worker import BatchResult, ModelWorker
-from dr_pipeline.dataset.plan import Unit, read_plan
-from dr_pipeline.generate.prepare import PreparedBatch, ViewBatch, caption_input_sizes
-from dr_pipeline.execution.progress import RunProgress, UnitReporter, run_record
-from dr_pipeline.read.reader import ReinforcedDataset
-from dr_pipeline.read.replay import unit_rows_with_images
-from dr_pipeline.execution.runner import (
-    RunSummary,
-    check_job,
-    layout_for,
-    model_results,
-    ray_session,
-    run_unit_tasks,
-    start_actors,
-    started_cards,
-    with_storage_retries,
-)
 from dr_pipeline.core.schema import DatasetLayout, storage_columns
-from dr_pipeline.dataset.sidecars import SidecarColumn, SidecarLayout, sidecar_folder
 from dr_pipeline.core.storage import Location, redact_url
 from dr_pipeline.core.timing import StageClock
-from dr_pipeline.dataset.formats import open_unit_writer
+from dr_pipeline.dataset.manifest import manifest_cards, manifest_head, read_manifest, read_runs
+from dr_pipeline.dataset.plan import Unit, read_plan
+from dr_pipeline.dataset.sidecars import SidecarColumn, SidecarLayout, sidecar_folder
+from dr_pipeline.dataset.sink import SidecarSink, UnitTaskContext
+from dr_pipeline.execution.lease import OutputLease
+from dr_pipeline.execution.model_actors import ModelActors
+from dr_pipeline.execution.progress import RunProgress, UnitReporter, run_record
+from dr_pipeline.execution.unit_tasks import (
+    RunSummary, model_results, ray_session, run_unit_tasks, storage_retried, unit_task,
+)
+from dr_pipeline.generate.model_worker import ModelWorker, check_job
+from dr_pipeline.generate.prepare import PreparedBatch, ViewBatch, caption_input_sizes
+from dr_pipeline.read.reader import ReinforcedDataset
+from dr_pipeline.read.replay import unit_rows_with_images
+from dr_pipeline.views.decode import decode_image
 
 _FIXED = ("seed", "input", "output", "augmentation")  # what an extension cannot change
 
@@ -163,7 +148,7 @@ def plan_extension(job: JobConfig, manifest: dict[str, Any]) -> Extension | None
     )
 
 
-def sidecar_layout(extension: Extension, cards: ModelCards) -> SidecarLayout:
+def sidecar_layout(extension: Extension, cards: dict[str, list[dict[str, Any]]]) -> SidecarLayout:
     """The columns the extension writes, from the new models' cards."""
     base = extension.base_layout
     num_texts = base.num_texts + extension.new_captions
@@ -198,20 +183,16 @@ class ExtensionWorker(ModelWorker):
         super().__init__(extension.models, use_gpu)
         self.new_teachers = set(extension.teachers)
 
-    def process(self, batch: ExtensionBatch) -> BatchResult:
-        clock = StageClock()
-        with torch.inference_mode():
-            views, caption_views = self.model_inputs(batch, clock)
-            with clock.stage("captioning"):
-                captions = self._caption(batch.keys, caption_views)
-            added = [[text for c in self.job.captioners for text in captions[c.id][i]] for i in range(len(batch))]
-            every_text = [[text, *known, *new] for text, known, new in zip(batch.texts, batch.captions, added)]
-            with clock.stage("teacher_forward"):  # OUT's teachers lack only the new captions
-                image_emb, text_emb = self._embed(
-                    (views, every_text) if config.id in self.new_teachers else (views[:, :0], added)
-                    for config in self.job.teachers
-                )
-        return BatchResult(image_emb=image_emb, text_emb=text_emb, captions=captions, seconds=dict(clock.seconds))
+    def teacher_inputs(
+        self, batch: ExtensionBatch, views: torch.Tensor, added: list[list[str]]
+    ) -> Iterator[tuple[torch.Tensor, list[list[str]]]]:
+        """A new teacher embeds the views and every text row (the real caption, the dataset's
+        captions, the new ones); the dataset's teachers lack only the new captions."""
+        every_text = [[text, *known, *new] for text, known, new in zip(batch.texts, batch.captions, added)]
+        return (
+            (views, every_text) if config.id in self.new_teachers else (views[:, :0], added)
+            for config in self.job.teachers
+        )
 
 
 def _extension_batches(
@@ -241,34 +222,33 @@ def _extension_batches(
         yield batch()
 
 
+@storage_retried
 def extend_unit(
     unit: Unit, extension: Extension, sidecar: SidecarLayout, caption_sizes: tuple[int, ...], worker: Any,
     tally: Any = None,
-) -> UnitStats:
-    """Ray task: write and commit one unit's sidecar file; returns its stats (also the marker).
-    Reports its rows so far to `tally` (progress.ProgressTally)."""
+) -> dict[str, Any]:
+    """Ray task: write and commit one unit's sidecar file through the SidecarSink; returns its
+    stats (also the marker). Reports its rows so far to `tally` (progress.ProgressTally)."""
     torch.set_num_threads(1)
-    started = time.time()
+    task = UnitTaskContext(ray.get_runtime_context().get_node_id())
     job = extension.job
-    out = Location.from_url(job.output.url, job.output.storage_options)
-    data_file = sidecar.data_file(unit.id, job.output.format)
-    for path in (data_file, sidecar.stats_file(unit.id)):
-        out.remove_stale_temps(path)
+    sink = SidecarSink(job.output, extension.id)
+    if (committed := sink.committed_stats(unit.id)) is not None:
+        return committed
     dataset = ReinforcedDataset(job.output.url, job.output.storage_options)  # as it was before this extension
     entry = next(u for u in dataset.units if u["id"] == unit.id)
     with_views = any(column.role == "image" for column in sidecar.columns)
-    clock = StageClock()
-    written = 0
     report_progress = UnitReporter(tally, unit.id)
     report_progress(0, 0, force=True)
     rows = unit_rows_with_images(dataset, entry, job.input.storage_options)
-    batches = _extension_batches(rows, extension, with_views, caption_sizes, clock)
-    output = job.output.model_copy(update={"keep_images": False})
-    with open_unit_writer(out, data_file, sidecar, output) as (writer, committed):
-        for keys, result in model_results(batches, worker, job.resources, clock):
+    batches = _extension_batches(rows, extension, with_views, caption_sizes, task.clock)
+
+    def sidecar_rows() -> Iterator[dict[str, Any]]:
+        written = 0
+        for keys, result in model_results(batches, worker, job.resources, task.clock):
             if isinstance(result, str):
                 raise DrGenError(f"unit {unit.id}: the models failed on a batch ({result}); rerun to retry")
-            clock.add(result.seconds)
+            task.clock.add(result.seconds)
             columns: dict[str, Any] = {"key": keys}
             for column in sidecar.columns:
                 values = {"image": result.image_emb, "text": result.text_emb, "captions": result.captions}[column.role]
@@ -276,29 +256,18 @@ def extend_unit(
                     columns[column.name] = values[column.id]
                 else:
                     columns.update(storage_columns(column.name, values[column.id], sidecar.embedding_dtype))
-            with clock.stage("write"):
-                writer.write(columns)
+            yield columns
             written += len(keys)
             report_progress(written, 0)
-    if written != entry["samples"]:
-        raise DrGenError(f"unit {unit.id}: wrote {written} sidecar rows for {entry['samples']} samples")
-    stats: UnitStats = {
-        "id": unit.id,
-        "extension": extension.id,
-        "node_id": ray.get_runtime_context().get_node_id(),
-        "input_samples": written,  # a sidecar unit reads the rows it extends, and drops none
-        "samples": written,
-        "failures": 0,
-        "files": {"data": committed[0].to_dict()},
-        "seconds": round(time.time() - started, 3),
-        "seconds_by_stage": clock.rounded(),
-    }
-    out.write_json_atomic(stats, sidecar.stats_file(unit.id))
-    report_progress.finish(written, 0)
+        if written != entry["samples"]:  # a sidecar unit reads the rows it extends, and drops none
+            raise DrGenError(f"unit {unit.id}: wrote {written} sidecar rows for {entry['samples']} samples")
+
+    stats = sink.write_unit(unit, sidecar, sidecar_rows(), [], task)
+    report_progress.finish(stats["samples"], 0)
     return stats
 
 
-def _check_known_cards(manifest: dict[str, Any], described: ModelCards, extension: Extension) -> None:
+def _check_known_cards(manifest: dict[str, Any], described: dict[str, Any], extension: Extension) -> None:
     """OUT's teachers, loaded again for the new captions, must be the models OUT recorded."""
     recorded = {entry["id"]: entry["card"] for entry in manifest["teachers"]}
     for card in described["teachers"]:
@@ -307,24 +276,6 @@ def _check_known_cards(manifest: dict[str, Any], described: ModelCards, extensio
             path, now, then = difference
             message = f"{path} is {now}, was {then}"
             raise DrGenError(f"teacher {card['id']!r} no longer loads as the dataset recorded it: {message}")
-
-
-def write_extended_manifest(
-    out: Location, manifest: dict[str, Any], extension: Extension, cards: ModelCards,
-    sidecar: SidecarLayout, units: list[Unit], sidecar_stats: dict[str, UnitStats],
-    runs: list[dict[str, Any]],
-) -> None:
-    """dataset.json once the extension is committed: the combined dataset, its sidecars listed,
-    the dataset's run records followed by `runs`."""
-    combined = {kind: [entry["card"] for entry in manifest[kind]] + cards[kind] for kind in ("teachers", "captioners")}
-    entries = (
-        {**entry, "files": {**entry["files"], extension.id: sidecar_stats[entry["id"]]["files"]["data"]}}
-        for entry in manifest["units"]
-    )
-    job = extension.job
-    head = manifest_head(job, layout_for(job, combined), combined, manifest["created_at"])
-    tail = {"extensions": [*manifest.get("extensions", []), {**sidecar.to_dict(), "extends": manifest["config_hash"]}], "runs": [*manifest.get("runs", []), *runs]}
-    write_manifest(out, head, entries, len(units), tail)
 
 
 def extend_dataset(
@@ -344,11 +295,6 @@ def extend_dataset(
         return _extend_planned(job, out, manifest, started, address, on_progress)
 
 
-def extend_unit_retrying(*args: Any) -> UnitStats:
-    """Ray task: extend_unit, redone on transient storage errors (runner.with_storage_retries)."""
-    return with_storage_retries(lambda: extend_unit(*args))
-
-
 def _extend_planned(
     job: JobConfig, out: Location, manifest: dict[str, Any], started: float, address: str | None,
     on_progress: Callable[[RunProgress], None] | None,
@@ -360,13 +306,14 @@ def _extend_planned(
     if extension is None:
         summary.units_skipped, summary.seconds = len(units), time.time() - started
         return summary
-    done = read_unit_stats(out, units, sidecar_folder(extension.id))
-    summary.units_skipped = len(done)
-    todo = [unit for unit in units if unit.id not in done]
+    sink = SidecarSink(extension.job.output, extension.id)
+    todo = sink.start(units)
+    summary.units_skipped = len(units) - len(todo)
+    runs = read_runs(out)
     if todo:
         with ray_session(address):
-            actors = start_actors(extension.job, ExtensionWorker, extension)
-            described = started_cards(actors)
+            actors = ModelActors.start(extension.job, ExtensionWorker, extension)
+            described = actors.wait_started()
             summary.startup_seconds = time.time() - started
             _check_known_cards(manifest, described, extension)
             cards = {
@@ -375,28 +322,22 @@ def _extend_planned(
             }
             sidecar = sidecar_layout(extension, cards)
             out.write_json_atomic({"cards": cards, "layout": sidecar.to_dict()}, sidecar.extension_file)
-            caption_sizes = caption_input_sizes(cards)
-            task = ray.remote(num_cpus=1, max_retries=2, retry_exceptions=[OSError])(extend_unit_retrying)
-            task_args = (extension, sidecar, caption_sizes)
+            task_args = (extension, sidecar, caption_input_sizes(cards))
             try:
-                returned, progress = run_unit_tasks(task, todo, task_args, actors, extension.job, summary,
-                                                    on_progress)
+                written, progress = run_unit_tasks(unit_task(extend_unit), todo, task_args, actors, extension.job,
+                                                   summary, on_progress)
             finally:
                 actors.close()
             summary.seconds = time.time() - started
-            done = read_unit_stats(out, units, sidecar_folder(extension.id))
-            written = StatsSum()
-            for unit in todo:
-                if unit.id in done:
-                    written.add(done[unit.id])
-            runs = [run_record(started, summary.seconds, summary.startup_seconds, progress, written,
-                               actors.nodes_used, returned.storage_retries)]
+            runs.append(run_record(started, summary.seconds, summary.startup_seconds, progress, written,
+                                   actors.nodes_used, written.storage_retries))
     else:  # killed after the last sidecar unit, before the manifest
         saved = out.read_json(sidecar_folder(extension.id), "extension.json")
         cards, sidecar = saved["cards"], SidecarLayout.from_dict(saved["layout"])
-        runs = []
-    if len(done) == len(units):
-        write_runs(out, [*read_runs(out), *runs])
-        write_extended_manifest(out, manifest, extension, cards, sidecar, units, done, runs)
+    if not sink.pending(units):
+        combined = {kind: manifest_cards(manifest)[kind] + cards[kind] for kind in ("teachers", "captioners")}
+        head = manifest_head(extension.job, combined, manifest["created_at"])
+        extensions = [*manifest.get("extensions", []), {**sidecar.to_dict(), "extends": manifest["config_hash"]}]
+        sink.finish(head, units, runs, extensions)
     summary.seconds = time.time() - started
     return summary

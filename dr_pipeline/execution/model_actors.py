@@ -21,6 +21,7 @@ import ray
 from ray.autoscaler.sdk import request_resources
 
 from dr_pipeline.core.config import JobConfig
+from dr_pipeline.core.errors import DrGenError, error_line
 from dr_pipeline.core.records import ModelCards
 
 WATCH_SECONDS = 1.0  # how often the cluster's nodes and resources are read again
@@ -81,9 +82,12 @@ class ModelActors:
         return actors
 
     def wait_started(self) -> ModelCards:
-        """Wait for the first `min` actors (a RayError if one fails to start); returns the
-        cards of their models."""
-        described = ray.get(self.first)
+        """Wait for the first `min` actors (a DrGenError naming why if one fails to start);
+        returns the cards of their models."""
+        try:
+            described = ray.get(self.first)
+        except ray.exceptions.RayError as error:
+            raise DrGenError(f"model actors failed to start: {error_line(error, part='last')}") from None
         self.watch(force=True)
         return described[0]
 

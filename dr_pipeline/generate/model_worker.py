@@ -7,12 +7,13 @@ and synthetic captions are embedded by every teacher without another hop.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import ray
 import torch
 
+from dr_pipeline.dataset.formats import format_for
 from dr_pipeline.core.accelerator import Acceleration, teacher_batch_size, views_to_device
 from dr_pipeline.core.config import JobConfig, ResourcesConfig
 from dr_pipeline.core.records import ModelCards
@@ -20,7 +21,7 @@ from dr_pipeline.generate.prepare import ViewBatch, caption_input_sizes, render_
 from dr_pipeline.core.schema import transfer_dtype
 from dr_pipeline.core.seeding import derive_seed
 from dr_pipeline.core.timing import StageClock
-from teachers import Teacher, build_captioner, build_teacher
+from teachers import Teacher, build_captioner, build_teacher, check_spec
 
 
 @dataclass
@@ -34,6 +35,16 @@ class BatchResult:
 def caption_seeds(run_seed: int, captioner_id: str, keys: list[str], num_captions: int) -> list[list[int]]:
     """Seeds of caption j of each key: a pure function of (run seed, key, captioner, j)."""
     return [[derive_seed(run_seed, key, f"caption/{captioner_id}", j) for j in range(num_captions)] for key in keys]
+
+
+def check_job(job: JobConfig) -> None:
+    """Everything about the job that can be checked without loading a model or starting Ray: its
+    output format is registered, each teacher and captioner spec names a known kind with valid options."""
+    format_for(job.output.format)
+    for teacher in job.teachers:
+        check_spec(teacher.spec, "teacher", teacher.options)
+    for captioner in job.captioners:
+        check_spec(captioner.spec, "captioner", captioner.options)
 
 
 def model_threads(resources: ResourcesConfig) -> int:
@@ -80,18 +91,26 @@ class ModelWorker:
         }
 
     def process(self, batch: ViewBatch) -> BatchResult:
+        """The batch's captions from every captioner, then every teacher's embeddings of what
+        `teacher_inputs` gives it."""
         clock = StageClock()
         with torch.inference_mode():
             views, caption_views = self.model_inputs(batch, clock)
             with clock.stage("captioning"):
                 captions = self._caption(batch.keys, caption_views)
-            texts = [
-                [text] + [caption for c in self.job.captioners for caption in captions[c.id][i]]
-                for i, text in enumerate(batch.texts)
-            ]
+            added = [[caption for c in self.job.captioners for caption in captions[c.id][i]] for i in range(len(batch))]
             with clock.stage("teacher_forward"):
-                image_emb, text_emb = self._embed((views, texts) for _ in self.teachers)
+                image_emb, text_emb = self._embed(self.teacher_inputs(batch, views, added))
         return BatchResult(image_emb=image_emb, text_emb=text_emb, captions=captions, seconds=dict(clock.seconds))
+
+    def teacher_inputs(
+        self, batch: ViewBatch, views: torch.Tensor, added: list[list[str]]
+    ) -> Iterator[tuple[torch.Tensor, list[list[str]]]]:
+        """Each teacher's (views, text rows), in teacher order, `added` being each row's captions
+        from this worker's captioners: here every teacher embeds the views, the real caption and
+        the new captions (schema v1's text rows)."""
+        texts = [[text, *new] for text, new in zip(batch.texts, added)]
+        return ((views, texts) for _ in self.teachers)
 
     def model_inputs(self, batch: ViewBatch, clock: StageClock) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         """The batch's views and captioner centre views on the device, copied there once for every
