@@ -25,10 +25,6 @@ TEACHERS_MAY_USE = {
 }
 """The core modules teachers depend on (the surface documented in teachers/__init__.py)."""
 
-TO_BE_REMOVED: set[tuple[str, str]] = set()
-"""Upward imports that exist today and are being removed: to be emptied, never extended."""
-
-
 def _module_name(path: Path) -> str:
     return ".".join(path.relative_to(REPOSITORY).with_suffix("").parts).removesuffix(".__init__")
 
@@ -70,14 +66,9 @@ def test_imports_point_down():
     upward = []
     for importer, imported, line in EDGES:
         low, high = _layer(importer), _layer(imported)
-        if low and high and LAYERS.index(high) > LAYERS.index(low) and (importer, imported) not in TO_BE_REMOVED:
+        if low and high and LAYERS.index(high) > LAYERS.index(low):
             upward.append(f"{importer} (line {line}) imports {imported}: {low} is below {high}")
     assert not upward, "\n".join(upward)
-
-
-def test_the_allow_list_holds_only_imports_that_exist():
-    present = {(importer, imported) for importer, imported, _ in EDGES}
-    assert not TO_BE_REMOVED - present, f"gone, so take them off TO_BE_REMOVED: {sorted(TO_BE_REMOVED - present)}"
 
 
 def test_from_the_package_itself_only_its_version_is_imported():
