@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator
 
 from dr_pipeline.core.config import OutputConfig
+from dr_pipeline.core.records import FailureRecord, UnitStats
 from dr_pipeline.core.schema import DatasetLayout
 from dr_pipeline.core.storage import Location, retrying
 from dr_pipeline.core.timing import StageClock
@@ -97,7 +98,7 @@ class UnitSink:
 
     # ------------------------------------------------------------------ unit task
 
-    def committed_stats(self, unit_id: str) -> dict[str, Any] | None:
+    def committed_stats(self, unit_id: str) -> UnitStats | None:
         """The unit's marker when it is committed: a task Ray runs again after an attempt that
         committed (its node died before it returned) returns it and rewrites nothing."""
         marker = self.stats_file(unit_id)
@@ -105,8 +106,8 @@ class UnitSink:
 
     def write_unit(
         self, unit: Unit, layout: DatasetLayout | SidecarLayout, rows: Iterable[dict[str, Any]],
-        failures: list[dict[str, Any]], task: UnitTaskContext,
-    ) -> dict[str, Any]:
+        failures: list[FailureRecord], task: UnitTaskContext,
+    ) -> UnitStats:
         """Commit one unit: `rows` (column name -> values, one dict per batch) into its data file,
         then `failures` (complete once `rows` is exhausted) into its failures file, then its
         marker. Returns the unit's stats, as the marker holds them."""

@@ -33,6 +33,7 @@ import ray
 import torch
 
 from dr_pipeline.core.config import JobConfig, parse_job
+from dr_pipeline.core.records import ModelCards, UnitStats
 from dr_pipeline.core.errors import ConfigError, DrGenError
 from dr_pipeline.core.schema import DatasetLayout, storage_columns
 from dr_pipeline.core.storage import Location, redact_url
@@ -148,7 +149,7 @@ def plan_extension(job: JobConfig, manifest: dict[str, Any]) -> Extension | None
     )
 
 
-def sidecar_layout(extension: Extension, cards: dict[str, list[dict[str, Any]]]) -> SidecarLayout:
+def sidecar_layout(extension: Extension, cards: ModelCards) -> SidecarLayout:
     """The columns the extension writes, from the new models' cards."""
     base = extension.base_layout
     num_texts = base.num_texts + extension.new_captions
@@ -226,7 +227,7 @@ def _extension_batches(
 def extend_unit(
     unit: Unit, extension: Extension, sidecar: SidecarLayout, caption_sizes: tuple[int, ...], worker: Any,
     tally: Any = None,
-) -> dict[str, Any]:
+) -> UnitStats:
     """Ray task: write and commit one unit's sidecar file through the SidecarSink; returns its
     stats (also the marker). Reports its rows so far to `tally` (progress.ProgressTally)."""
     torch.set_num_threads(1)

@@ -18,6 +18,7 @@ import ray
 import torch
 
 from dr_pipeline.core.config import JobConfig
+from dr_pipeline.core.records import FailureRecord, UnitStats
 from dr_pipeline.core.errors import ConfigError, error_line
 from dr_pipeline.core.storage import Location, redact_url, retrying, storage_retries
 from dr_pipeline.dataset.manifest import MANIFEST_FILE, layout_for, manifest_cards, manifest_head, read_runs
@@ -62,7 +63,7 @@ def plan_output(job: JobConfig, overwrite: bool) -> tuple[Location, Plan]:
 
 
 @storage_retried
-def process_unit(unit: Unit, job: JobConfig, models: list[Any], worker: Any, tally: Any = None) -> dict[str, Any]:
+def process_unit(unit: Unit, job: JobConfig, models: list[Any], worker: Any, tally: Any = None) -> UnitStats:
     """Ray task: produce and commit one unit through the DataSink; returns its stats (also
     written as the marker).
 
@@ -78,7 +79,7 @@ def process_unit(unit: Unit, job: JobConfig, models: list[Any], worker: Any, tal
     cards = ray.get(models[0])
     layout = layout_for(job, cards)
     caption_sizes = caption_input_sizes(cards)
-    failures: list[dict[str, Any]] = []
+    failures: list[FailureRecord] = []
     report_progress = UnitReporter(tally, unit.id)
     report_progress(0, 0, force=True)
 

@@ -22,6 +22,7 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from dr_pipeline.core.config import JobConfig, ResourcesConfig
+from dr_pipeline.core.records import UnitStats
 from dr_pipeline.core.errors import ConfigError, DatasetError, error_line
 from dr_pipeline.core.storage import STORAGE_ATTEMPTS, backoff, count_retry, is_transient, storage_retries
 from dr_pipeline.core.timing import StageClock
@@ -110,12 +111,12 @@ def model_results(
         yield from finish_oldest()
 
 
-def storage_retried(produce: Callable[..., dict[str, Any]]) -> Callable[..., dict[str, Any]]:
+def storage_retried(produce: Callable[..., UnitStats]) -> Callable[..., UnitStats]:
     """`produce` (it writes one unit and returns its stats), redone from scratch (with backoff, at
     most STORAGE_ATTEMPTS times) when a transient storage error escapes it, e.g. a connection
     dropped mid-shard; the stats returned (not the marker) count the storage retries of this unit."""
     @functools.wraps(produce)
-    def produce_retrying(*args: Any) -> dict[str, Any]:
+    def produce_retrying(*args: Any) -> UnitStats:
         retries_before = storage_retries()
         for attempt in range(1, STORAGE_ATTEMPTS + 1):
             try:
@@ -131,7 +132,7 @@ def storage_retried(produce: Callable[..., dict[str, Any]]) -> Callable[..., dic
     return produce_retrying
 
 
-def unit_task(produce: Callable[..., dict[str, Any]]) -> Any:
+def unit_task(produce: Callable[..., UnitStats]) -> Any:
     """`produce(unit, *task_args, worker, tally)` as the Ray task `run_unit_tasks` runs: one CPU,
     run again by Ray when it fails with an OSError (twice)."""
     return ray.remote(num_cpus=1, max_retries=2, retry_exceptions=[OSError])(produce)
