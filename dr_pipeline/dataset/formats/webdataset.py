@@ -13,7 +13,6 @@ import tarfile
 from typing import Any, BinaryIO, Iterator
 
 import numpy as np
-import webdataset as wds
 
 from dr_pipeline.core.errors import error_line
 from dr_pipeline.core.schema import DatasetLayout
@@ -73,7 +72,8 @@ class WebDatasetUnitWriter:
     """One tar per unit; mtime 0 for reproducible bytes."""
 
     def __init__(self, sink: Any, layout: FileLayout, keep_images: bool):
-        self._tar = wds.TarWriter(sink, encoder=False, mtime=0)
+        import webdataset  # noqa: PLC0415 - it imports torch, which reading and validating a dataset do without
+        self._tar = webdataset.TarWriter(sink, encoder=False, mtime=0)
         self._members = layout.webdataset_members(keep_images)
 
     def write(self, columns: dict[str, Any]) -> None:
