@@ -10,6 +10,7 @@ import io
 import json
 import shutil
 import tarfile
+import traceback
 from collections import Counter
 
 import numpy as np
@@ -24,6 +25,8 @@ from dr_pipeline.dataset.manifest import totals
 
 def _validate(path):
     result = CliRunner().invoke(app, ["validate", str(path)])
+    # validate reports problems as lines; an exception escaping it is a bug, shown with its traceback
+    assert not isinstance(result.exception, Exception), "".join(traceback.format_exception(result.exception))
     return result.exit_code, [line for line in result.stdout.splitlines() if line.strip()]
 
 
