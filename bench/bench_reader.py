@@ -3,12 +3,16 @@
 Without --dataset, generates a dataset of the DataCompDR-12M recipe's shape (jobs/datacompdr-12m.yaml:
 K=30 views, two 768-d teachers, S=5 captions) from the bundled photographs repeated --copies times,
 with stand-in teachers of that width (bench/shape_teachers.py) and the tiny CoCa, on local Ray,
-stored as float16 and again as int8; exports the float16 one with `dr-gen export --format datacompdr`.
+three times: Parquet float16, Parquet int8 and Arrow IPC float16 (output.format ipc), the same
+rows; exports the float16 Parquet one with `dr-gen export --format datacompdr`.
 Then, in this process with one torch thread, one Arrow thread and no DataLoader workers (one core):
 
   rows/s     before: ReinforcedDataset.iter_samples (a dict per row, every embedding widened to
              float32, a ViewParams per view); after: iter_batches (RowBatch: Arrow columns straight
-             to numpy in their stored dtype), and the same with every embedding widened to float32
+             to numpy in their stored dtype), and the same with every embedding widened to float32;
+             and "after" again over a copy of the dataset whose units hold --unit-rows rows (each
+             unit's rows repeated, written by its format's writer), as a DataCompDR unit of ~12k
+             samples is read: per-unit costs (opening a file) spread over many rows
   samples/s  one view replayed at --image-size, normalised, batches of --batch-size collated:
              MobileCLIP's training loader path over the export (webdataset tar, PIL decode as
              "pilrgba" then RGB, npz, paug.json replayed with torchvision's PIL ops: resized crop,
@@ -21,7 +25,7 @@ Then, in this process with one torch thread, one Arrow thread and no DataLoader 
 Each figure loops over the whole dataset (a new epoch each pass) for at least --seconds of this
 process's CPU time, and is items per CPU second: per core, whatever else the machine runs.
 
-    python bench/bench_reader.py [--copies 10] [--keep-images] [--image-size 224] [--batch-size 32] [--seconds 10]
+    python bench/bench_reader.py [--copies 10] [--keep-images] [--unit-rows 2048] [--image-size 224] [--batch-size 32] [--seconds 10]
     python bench/bench_reader.py --dataset OUT --export DEST   # an existing dataset and its export
 """
 
@@ -31,6 +35,7 @@ import argparse
 import glob
 import json
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -73,11 +78,16 @@ def per_second(one_pass: Callable[[int], int], seconds: float) -> float:
     return items / (time.process_time() - started)
 
 
-def datacompdr_shaped_job(shards: list[str], output: str, embedding_dtype: str, keep_images: bool) -> Any:
+GENERATED = {"float16 parquet": ("parquet", "float16"), "int8 parquet": ("parquet", "int8"), "float16 ipc": ("ipc", "float16")}
+"""The datasets generated without --dataset: name -> (output.format, embedding_dtype)."""
+
+
+def datacompdr_shaped_job(shards: list[str], output: str, output_format: str, embedding_dtype: str, keep_images: bool) -> Any:
     """jobs/datacompdr-12m.yaml with 768-d stand-in teachers, the tiny CoCa for its 5 captions, local resources."""
     data = yaml.safe_load((ROOT / "jobs" / "datacompdr-12m.yaml").read_text())
     data["input"] = {"urls": shards}
-    data["output"] = {**data["output"], "url": output, "embedding_dtype": embedding_dtype, "keep_images": keep_images}
+    data["output"] = {**data["output"], "url": output, "format": output_format, "embedding_dtype": embedding_dtype,
+                      "keep_images": keep_images}
     data["teachers"] = [
         {"id": teacher["id"], "spec": "python:bench.shape_teachers:ProjectionTeacher", "options": {"dim": 768}}
         for teacher in data["teachers"]
@@ -90,9 +100,12 @@ def datacompdr_shaped_job(shards: list[str], output: str, embedding_dtype: str, 
 
 
 def generate(scratch: str, copies: int, keep_images: bool) -> tuple[dict[str, str], str]:
-    """({"float16": URL, "int8": URL}, the float16 dataset's DataCompDR export)."""
+    """({name in GENERATED: URL}, the float16 Parquet dataset's DataCompDR export)."""
     shards = write_sample_data(f"{scratch}/input", num_shards=3, copies=copies)
-    jobs = {dtype: datacompdr_shaped_job(shards, f"{scratch}/{dtype}", dtype, keep_images) for dtype in ("float16", "int8")}
+    jobs = {
+        name: datacompdr_shaped_job(shards, f"{scratch}/{name.replace(' ', '-')}", output_format, dtype, keep_images)
+        for name, (output_format, dtype) in GENERATED.items()
+    }
     ray.init(include_dashboard=False, log_to_driver=False, num_cpus=os.cpu_count())
     try:
         for job in jobs.values():
@@ -100,7 +113,7 @@ def generate(scratch: str, copies: int, keep_images: bool) -> tuple[dict[str, st
     finally:
         ray.shutdown()
     export = f"{scratch}/export"
-    export_datacompdr(open_dataset(jobs["float16"].output.url), export)
+    export_datacompdr(open_dataset(jobs["float16 parquet"].output.url), export)
     return {dtype: job.output.url for dtype, job in jobs.items()}, export
 
 
@@ -121,6 +134,29 @@ def rows_after(dataset: ReinforcedDataset, widen: bool) -> Callable[[int], int]:
         return rows
 
     return one_pass
+
+
+def with_unit_rows(dataset: ReinforcedDataset, dest: str, unit_rows: int) -> ReinforcedDataset:
+    """A copy of the (local) `dataset` whose units hold their rows repeated to `unit_rows` rows or
+    more, written by its format's writer; the manifest's counts are left as they were (the batched
+    reader reads what the files hold)."""
+    shutil.copytree(dataset.location.join(""), dest)
+    output_format = format_for(dataset.manifest["format"])
+    array_names = set(dataset.layout.stored_arrays())
+    keep_images = dataset.manifest["config"]["output"]["keep_images"]
+    for unit in dataset.units:
+        path = Path(dest, unit["files"]["data"]["path"])
+        with path.open("rb") as handle:
+            (table, arrays), = output_format.batches(handle, dataset.layout, array_names, batch_size=unit["samples"])
+        columns = {**table.to_pydict(), **arrays}
+        written = 0
+        with path.open("wb") as sink:
+            writer = output_format.open_writer(sink, dataset.layout, keep_images)
+            while written < unit_rows:
+                writer.write(columns)
+                written += len(columns["key"])
+            writer.close()
+    return open_dataset(dest)
 
 
 class MobileClipLoaderPath:
@@ -232,6 +268,8 @@ def main() -> None:
     parser.add_argument("--copies", type=int, default=10, help="repeat the 20 bundled photographs this many times")
     parser.add_argument("--keep-images", action="store_true",
                         help="generate with output.keep_images (default: the recipe's, originals re-read from the input)")
+    parser.add_argument("--unit-rows", type=int, default=2048,
+                        help="rows per unit of the copies read for the 'units of N rows' figures")
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--seconds", type=float, default=10.0)
@@ -245,24 +283,30 @@ def main() -> None:
         torch.set_num_threads(1)
         pa.set_cpu_count(1)
         pa.set_io_thread_count(1)
-        datasets = {dtype: open_dataset(url) for dtype, url in urls.items()}
+        datasets = {name: open_dataset(url) for name, url in urls.items()}
         print(f"one core (1 torch thread, 1 Arrow thread, no DataLoader workers), torch {torch.__version__}, "
               f"pyarrow {pa.__version__}, {os.cpu_count()} CPUs on the machine")
-        for dtype, dataset in datasets.items():
+        for name, dataset in datasets.items():
             teachers = ", ".join(f"{t.id} {t.dim}-d" for t in dataset.layout.teachers)
-            print(f"dataset {dtype}: {len(dataset)} samples, {dataset.manifest['format']}, "
+            print(f"dataset {name}: {len(dataset)} samples, {dataset.manifest['format']}, "
                   f"{dataset.layout.embedding_dtype}, K={dataset.layout.num_views}, S={len(dataset.manifest['text_rows']) - 1}, {teachers}")
             before = per_second(rows_before(dataset), args.seconds)
             after = per_second(rows_after(dataset, widen=False), args.seconds)
             widened = per_second(rows_after(dataset, widen=True), args.seconds)
             print(f"  raw rows/s per core: before {before:9.0f}   after {after:9.0f} ({after / before:.1f}x)   "
                   f"after, every embedding widened to float32 {widened:9.0f} ({widened / before:.1f}x)")
+            if not args.dataset:  # generated here: local, small units
+                large = with_unit_rows(dataset, f"{scratch}/{name.replace(' ', '-')}-{args.unit_rows}", args.unit_rows)
+                after = per_second(rows_after(large, widen=False), args.seconds)
+                widened = per_second(rows_after(large, widen=True), args.seconds)
+                print(f"  units of {args.unit_rows} rows, raw rows/s per core: after {after:9.0f}   "
+                      f"after, every embedding widened to float32 {widened:9.0f}")
             if isinstance(format_for(dataset.manifest["format"]), ParquetFormat):
                 dictionary, plain = parquet_encodings(dataset, scratch, args.seconds)
                 print(f"  one unit's file, batched reader: dictionary on every column (writer before) {dictionary:9.0f} "
                       f"rows/s   none on float embeddings (writer now) {plain:9.0f} rows/s ({plain / dictionary:.1f}x)")
         if export:
-            dataset = datasets.get("float16") or datasets["given"]
+            dataset = datasets.get("float16 parquet") or datasets["given"]
             options = dict(image_size=args.image_size, sampling="sequential", shuffle=False)
             ours_before = ReinforcedTorchDataset(dataset, **options)
             ours_after = ReinforcedTorchDataset(dataset, batch_size=args.batch_size, **options)

@@ -2,12 +2,12 @@
 
 Rows come out as plain Python values with embeddings as float32 numpy arrays
 [rows, D] and augmentation parameters as `ViewParams`, whichever form
-(Parquet or webdataset) the dataset was written in. Columns added later by
+(Parquet, Arrow IPC or webdataset) the dataset was written in. Columns added later by
 `--extend` live in sidecar files (sidecars.py); rows come out joined with them.
 
 For throughput (a trainer's loader), `iter_batches` gives the same rows column by
 column: a `RowBatch` holds each array column as one numpy array in its stored dtype
-[n, rows, D] straight from Arrow, the augmentation parameters as arrays, and builds
+[n, rows, D] straight from Arrow (from an IPC dataset, a view of the memory-mapped file), the augmentation parameters as arrays, and builds
 Python values (a key, a `ViewParams`, a float32 embedding) only for what is asked.
 """
 
@@ -27,7 +27,8 @@ from dr_pipeline.dataset.manifest import read_manifest
 from dr_pipeline.core.schema import DatasetLayout, from_storage, scale_column
 from dr_pipeline.dataset.formats import format_for
 from dr_pipeline.dataset.formats.base import FileLayout
-from dr_pipeline.dataset.formats.parquet import ROW_GROUP_ROWS, fixed_size_matrix
+from dr_pipeline.dataset.formats.arrow_batches import fixed_size_matrix
+from dr_pipeline.dataset.formats.parquet import ROW_GROUP_ROWS
 from dr_pipeline.dataset.sidecars import SidecarLayout, base_layout
 from dr_pipeline.core.storage import Location
 
@@ -143,8 +144,8 @@ class ViewArrays:
 
     @classmethod
     def from_arrow(cls, aug: pa.Array | pa.ChunkedArray) -> "ViewArrays":
-        if isinstance(aug, pa.ChunkedArray):
-            aug = aug.combine_chunks()
+        if isinstance(aug, pa.ChunkedArray):  # combine_chunks copies even a single chunk
+            aug = aug.chunk(0) if aug.num_chunks == 1 else aug.combine_chunks()
         row_offsets = aug.offsets.to_numpy()
         counts = np.diff(row_offsets)
         num_views = int(counts[0]) if len(counts) else 0

@@ -19,7 +19,8 @@ from dr_pipeline.core.errors import ConfigError
 from dr_pipeline.core.storage import Location
 from dr_pipeline.dataset.formats import FORMATS, format_for, open_unit_writer, register_format
 from dr_pipeline.dataset.formats.base import DatasetFormat
-from dr_pipeline.dataset.formats.parquet import ParquetFormat, fixed_size_matrix
+from dr_pipeline.dataset.formats.arrow_batches import fixed_size_matrix
+from dr_pipeline.dataset.formats.parquet import ParquetFormat
 from dr_pipeline.dataset.manifest import totals
 from dr_pipeline.dataset.plan import Unit
 from dr_pipeline.read.reader import open_dataset

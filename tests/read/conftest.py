@@ -3,6 +3,7 @@
 kept: Arrow, original images kept, flips and erasing on, float16.
 from_input: webdataset, images not kept (replay reads the input shards), no flip or
 erasing (exportable as DataCompDR), bfloat16.
+ipc: the from_input job written as Arrow IPC files (same seeds, so the same rows).
 """
 
 from dataclasses import dataclass
@@ -24,15 +25,16 @@ class Generated:
 
 @pytest.fixture(scope="session")
 def generated(sample_shards, small_job_dict, tmp_path_factory):
-    """{"kept": Generated, "from_input": Generated}, from one local Ray session."""
+    """{"kept": Generated, "from_input": Generated, "ipc": Generated}, from one local Ray session."""
     root = tmp_path_factory.mktemp("reading")
+    from_input = {"augmentation": {"horizontal_flip": {"p": 0.0}, "random_erasing": {"p": 0.0}}}
     jobs = {
         "kept": parse_job(small_job_dict(sample_shards, root / "kept", output={"keep_images": True})),
         "from_input": parse_job(small_job_dict(
-            sample_shards,
-            root / "from_input",
-            output={"format": "webdataset", "embedding_dtype": "bfloat16"},
-            augmentation={"horizontal_flip": {"p": 0.0}, "random_erasing": {"p": 0.0}},
+            sample_shards, root / "from_input", output={"format": "webdataset", "embedding_dtype": "bfloat16"}, **from_input,
+        )),
+        "ipc": parse_job(small_job_dict(
+            sample_shards, root / "ipc", output={"format": "ipc", "embedding_dtype": "bfloat16"}, **from_input,
         )),
     }
     started_here = not ray.is_initialized()

@@ -40,7 +40,7 @@ print(json.dumps(sorted(name for name in sys.modules if name.split(".")[0] in %r
 """ % (MODEL_STACK,)
 
 
-@pytest.mark.parametrize("name", ["kept", "from_input"])
+@pytest.mark.parametrize("name", ["kept", "from_input", "ipc"])
 def test_reading_inspecting_and_validating_import_no_model_library(generated, name):
     done = subprocess.run([sys.executable, "-c", READ_EVERYTHING, generated[name].job.output.url],
                           capture_output=True, text=True, timeout=600)

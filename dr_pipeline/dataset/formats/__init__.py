@@ -15,12 +15,14 @@ from dr_pipeline.core.config import FORMAT_RECORDED_AS, OutputConfig
 from dr_pipeline.core.errors import ConfigError
 from dr_pipeline.core.storage import FileInfo, Location
 from dr_pipeline.dataset.formats.base import DatasetFormat, FileLayout, UnitWriter
+from dr_pipeline.dataset.formats.ipc import IpcFormat
 from dr_pipeline.dataset.formats.parquet import ParquetFormat
 from dr_pipeline.dataset.formats.webdataset import WebDatasetFormat
 
 FORMATS: dict[str, DatasetFormat] = {
     "parquet": ParquetFormat(),
     "webdataset": WebDatasetFormat(),
+    "ipc": IpcFormat(),
 }
 _RECORDED = {recorded: name for name, recorded in FORMAT_RECORDED_AS.items()}
 

@@ -10,11 +10,17 @@ from typing import Any, BinaryIO, Iterator
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from dr_pipeline.core.errors import error_line
 from dr_pipeline.core.schema import DatasetLayout
+from dr_pipeline.dataset.formats.arrow_batches import (
+    batch_rows,
+    checked_batches,
+    record_batch,
+    schema_differences,
+    split_arrays,
+)
 from dr_pipeline.dataset.formats.base import (
     CHECKED_ROWS,
     CheckedRows,
@@ -27,36 +33,6 @@ from dr_pipeline.dataset.formats.base import (
 ROW_GROUP_ROWS = 1024
 ROWS_READ = 256
 """Rows per Arrow batch behind the row reader."""
-
-
-def fixed_size_matrix(column: pa.Array) -> np.ndarray:
-    """A column of nested fixed-size lists (embeddings [rows] x [dim], scales [rows]) as one
-    numpy array [len, rows(, dim)] in its stored dtype."""
-    shape, values = [], column
-    while pa.types.is_fixed_size_list(values.type):
-        shape.append(values.type.list_size)
-        values = values.flatten()
-    return np.asarray(values.to_numpy(zero_copy_only=False)).reshape(len(column), *shape)
-
-
-def _fixed_size_array(values: np.ndarray, arrow_type: pa.DataType) -> pa.Array:
-    """[N, rows, D] embeddings or [N, rows] scales as nested fixed-size lists, one per sample."""
-    array = pa.array(np.ascontiguousarray(values).reshape(-1))
-    for size in reversed(values.shape[1:]):
-        array = pa.FixedSizeListArray.from_arrays(array, size)
-    return array.cast(arrow_type)
-
-
-def record_batch(columns: dict[str, Any], schema: pa.Schema) -> pa.RecordBatch:
-    """One batch of column values as Arrow, in the types of `schema`."""
-    arrays = []
-    for schema_field in schema:
-        values = columns[schema_field.name]
-        if isinstance(values, np.ndarray):
-            arrays.append(_fixed_size_array(values, schema_field.type))
-        else:
-            arrays.append(pa.array(values, type=schema_field.type))
-    return pa.RecordBatch.from_arrays(arrays, schema=schema)
 
 
 def dictionary_columns(schema: pa.Schema) -> list[str]:
@@ -111,25 +87,21 @@ class ParquetFormat(DatasetFormat):
         return ParquetUnitWriter(sink, layout)
 
     def rows(self, handle: BinaryIO, layout: FileLayout, array_names: set[str]) -> Iterator[dict[str, Any]]:
-        for batch in pq.ParquetFile(handle).iter_batches(batch_size=ROWS_READ):
-            names = [name for name in batch.schema.names if name in array_names]
-            embeddings = {name: fixed_size_matrix(batch.column(name)) for name in names}
-            plain = batch.drop_columns(names).to_pylist()
-            for i, row in enumerate(plain):
-                row.update({name: values[i] for name, values in embeddings.items()})
-                yield row
+        return batch_rows(pq.ParquetFile(handle).iter_batches(batch_size=ROWS_READ), array_names)
 
     def batches(
         self, handle: BinaryIO, layout: FileLayout, array_names: set[str], batch_size: int,
     ) -> Iterator[tuple[pa.Table, dict[str, np.ndarray]]]:
         for batch in pq.ParquetFile(handle).iter_batches(batch_size=batch_size):
-            names = [name for name in batch.schema.names if name in array_names]
-            arrays = {name: fixed_size_matrix(batch.column(name)) for name in names}
-            yield pa.Table.from_batches([batch.drop_columns(names)]), arrays
+            yield split_arrays(batch, array_names)
 
     def file_schema(self, handle: BinaryIO) -> pa.Schema:
+        return self._open(handle).schema_arrow
+
+    @staticmethod
+    def _open(handle: BinaryIO) -> pq.ParquetFile:
         try:
-            return pq.ParquetFile(handle).schema_arrow
+            return pq.ParquetFile(handle)
         except (pa.ArrowException, OSError) as error:
             raise UnusableFile([f"not a Parquet file ({error_line(error)})"]) from None
 
@@ -137,33 +109,8 @@ class ParquetFormat(DatasetFormat):
         self, handle: BinaryIO, layout: DatasetLayout, keep_images: bool, report: ReportRow,
     ) -> Iterator[CheckedRows]:
         """The file's Arrow schema against the layout's, column by column, then its batches."""
-        try:
-            parquet = pq.ParquetFile(handle)
-        except (pa.ArrowException, OSError) as error:
-            raise UnusableFile([f"not a Parquet file ({error_line(error)})"]) from None
-        expected = layout.arrow_schema()
-        actual = parquet.schema_arrow
-        differences = [
-            f"column {f.name}: {actual.field(f.name).type if f.name in actual.names else 'missing'}, schema says {f.type}"
-            for f in expected
-            if f.name not in actual.names or not actual.field(f.name).type.equals(f.type)
-        ]
-        differences += [f"column {name}: not in the schema" for name in actual.names if name not in expected.names]
+        parquet = self._open(handle)
+        differences = schema_differences(parquet.schema_arrow, layout)
         if differences:
             raise UnusableFile(differences)
-        try:
-            for batch in parquet.iter_batches(batch_size=CHECKED_ROWS):
-                aug = batch.column("aug")
-                yield CheckedRows(
-                    keys=batch.column("key").to_pylist(),
-                    heights=batch.column("image_height").to_numpy(zero_copy_only=False),
-                    widths=batch.column("image_width").to_numpy(zero_copy_only=False),
-                    views_per_row=pc.list_value_length(aug).to_numpy(zero_copy_only=False),
-                    crops=aug.flatten().field("crop").flatten().to_numpy(zero_copy_only=False).reshape(-1, 4),
-                    captions={c.column: batch.column(c.column).to_pylist() for c in layout.captioners},
-                    arrays={name: fixed_size_matrix(batch.column(name)) for name in layout.stored_arrays()},
-                    images=batch.column("image").to_pylist(),
-                    image_sha256=batch.column("image_sha256").to_pylist(),
-                )
-        except (pa.ArrowException, OSError) as error:
-            raise UnusableFile([f"cannot be read to its end ({error_line(error)})"]) from None
+        yield from checked_batches(parquet.iter_batches(batch_size=CHECKED_ROWS), layout)
