@@ -210,9 +210,9 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation("ipc: record batches as the pipeline's batches arrive", "dr_pipeline/dataset/formats/ipc.py",
              "whole = pending.num_rows - pending.num_rows % ROW_GROUP_ROWS", "whole = pending.num_rows",
              ("tests/dataset/test_ipc_format.py::test_bytes_and_record_batches_do_not_depend_on_how_columns_arrive",), True),
-    Mutation("ipc: validate reads batches without validating them in full", "dr_pipeline/dataset/formats/ipc.py",
-             "            batch.validate(full=True)", "            pass",
-             ("tests/dataset/test_ipc_format.py::test_validate_reads_intact_files_and_refuses_damaged_ones",), True),
+    Mutation("ipc: record batches used without validating them in full", "dr_pipeline/dataset/formats/ipc.py",
+             "        batch.validate(full=True)", "        pass",
+             ("tests/dataset/test_ipc_format.py::test_damaged_files_are_refused_by_validate_and_the_reader",), True),
 )
 
 

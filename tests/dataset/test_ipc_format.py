@@ -1,6 +1,6 @@
 """The Arrow IPC format on its own: a real run's columns written however they arrive give the same
 bytes and record batches of ROW_GROUP_ROWS rows, read back in batches of any size, from a local
-(memory-mapped) or a remote file; validate's checks of a damaged file."""
+(memory-mapped) or a remote file; a damaged file refused by validate and by the reader."""
 
 from __future__ import annotations
 
@@ -88,7 +88,7 @@ def _checked(data, layout):
     return sum(len(rows.keys) for rows in IPC.checked_rows(io.BytesIO(data), layout, False, lambda *_: None))
 
 
-def test_validate_reads_intact_files_and_refuses_damaged_ones(columns):
+def test_damaged_files_are_refused_by_validate_and_the_reader(columns):
     layout, values = columns
     data = _written(layout, values, ROWS)
     assert _checked(data, layout) == ROWS
@@ -107,6 +107,8 @@ def test_validate_reads_intact_files_and_refuses_damaged_ones(columns):
         writer.write_batch(damaged)
     with pytest.raises(UnusableFile, match=r"^cannot be read to its end \(.*offset"):
         _checked(sink.getvalue(), layout)
+    with pytest.raises(pa.ArrowInvalid, match="offset"):  # the reader too: an error, never a read past the buffer
+        list(IPC.batches(io.BytesIO(sink.getvalue()), layout, set(layout.stored_arrays()), ROW_GROUP_ROWS))
 
     sink = io.BytesIO()
     with pa.ipc.new_file(sink, batch.schema.remove(0)) as writer:

@@ -75,14 +75,13 @@ def _open_ipc(handle: BinaryIO) -> Iterator[pa.ipc.RecordBatchFileReader]:
         yield reader
 
 
-def _record_batches(reader: pa.ipc.RecordBatchFileReader, validated: bool = False) -> Iterator[pa.RecordBatch]:
-    """The file's record batches; `validated`: each checked in full first (every offset and length
-    against its buffers), as validate needs: reading decodes nothing, so a damaged offset would
-    otherwise reach the value conversions."""
+def _record_batches(reader: pa.ipc.RecordBatchFileReader) -> Iterator[pa.RecordBatch]:
+    """The file's record batches, each validated in full (every offset and length against its
+    buffers) before use: reading decodes nothing, so a damaged file would otherwise hand
+    out-of-range offsets to the conversions (about 0.5 us per DataCompDR-shaped row)."""
     for i in range(reader.num_record_batches):
         batch = reader.get_batch(i)
-        if validated:
-            batch.validate(full=True)
+        batch.validate(full=True)
         yield batch
 
 
@@ -131,9 +130,9 @@ class IpcFormat(DatasetFormat):
     def checked_rows(
         self, handle: BinaryIO, layout: DatasetLayout, keep_images: bool, report: ReportRow,
     ) -> Iterator[CheckedRows]:
-        """The file's Arrow schema against the layout's, then its batches, each validated in full."""
+        """The file's Arrow schema against the layout's, then its batches."""
         with _open_ipc(handle) as reader:
             differences = schema_differences(reader.schema, layout)
             if differences:
                 raise UnusableFile(differences)
-            yield from checked_batches(_resized(_record_batches(reader, validated=True), CHECKED_ROWS), layout)
+            yield from checked_batches(_resized(_record_batches(reader), CHECKED_ROWS), layout)
