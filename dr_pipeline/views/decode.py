@@ -11,8 +11,8 @@ Untrusted bytes, so:
   even when max_pixels would allow it.
 
 The decode rule (part of the dataset contract: the generator, `show`, `verify`,
-`--extend`, the reader's replay and the PyTorch dataset all decode with
-`decode_image`, and the export hands consumers the same pixels):
+`--extend` and the reader's replay decode with `decode_image`, the PyTorch dataset's
+loader with `decode_picture`, its PIL form, and the export hands consumers the same pixels):
 1. the first frame of an animation (GIF, APNG, WebP, MPO) is the image;
 2. EXIF orientation is applied (crop boxes are in upright pixels);
 3. transparency (an alpha channel, or a palette or colour-key transparency entry)
