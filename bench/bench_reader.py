@@ -16,11 +16,14 @@ Then, in this process with one torch thread, one Arrow thread and no DataLoader 
   samples/s  one view replayed at --image-size, normalised, batches of --batch-size collated:
              MobileCLIP's training loader path over the export (webdataset tar, PIL decode as
              "pilrgba" then RGB, npz, paug.json replayed with torchvision's PIL ops: resized crop,
-             RandAugment; to_tensor, normalize; batched), our per-row path (before: rows with
-             their images, ReinforcedTorchDataset.sample, torch's default collate) and our batched
-             path (after: ReinforcedTorchDataset(batch_size=...)); the same view and caption of
-             every sample on every path (view epoch % K, caption epoch % S). Tokenising is left
-             out of every path.
+             RandAugment; to_tensor, normalize; batched), our per-row path (rows with their
+             images, ReinforcedTorchDataset.sample, torch's default collate), our batched path
+             before (ReinforcedTorchDataset(batch_size=...) with the decode and render frozen in
+             bench/loader_before.py: a tensor original converted back to PIL per view) and after
+             (rendered from the decoded PIL picture into a channels-last batch; checked to give the
+             same pixels); the per-row path uses the frozen decode and render too. The same view and
+             caption of every sample on every path (view epoch % K, caption epoch % S). Tokenising is
+             left out of every path.
 
 Each figure loops over the whole dataset (a new epoch each pass) for at least --seconds of this
 process's CPU time, and is items per CPU second: per core, whatever else the machine runs.
@@ -60,6 +63,7 @@ from dr_pipeline.read.reader import ROWS_PER_BATCH, ReinforcedDataset, file_batc
 from dr_pipeline.read.replay import unit_rows_with_images
 from dr_pipeline.execution.runner import run_job
 from dr_pipeline.tools.sample_data import write_sample_data
+from bench.loader_before import TorchDatasetBefore
 from dr_pipeline.read.torch_dataset import ReinforcedTorchDataset
 from dr_pipeline.dataset.formats import format_for
 from dr_pipeline.dataset.formats.parquet import ROW_GROUP_ROWS, ParquetFormat, dictionary_columns
@@ -251,6 +255,13 @@ def parquet_encodings(dataset: ReinforcedDataset, scratch: str, seconds: float) 
     return rates[0], rates[1]
 
 
+def check_same_pixels(before: ReinforcedTorchDataset, after: ReinforcedTorchDataset) -> None:
+    """The loader before and after its decode and render changed give the same batch, pixel for pixel."""
+    before.set_epoch(0)
+    after.set_epoch(0)
+    assert torch.equal(next(iter(before))["image"], next(iter(after))["image"])
+
+
 def check_same_views(ours: ReinforcedTorchDataset, theirs: MobileClipLoaderPath) -> None:
     """Both paths pick the same view and caption of the same samples (pixels differ: tensor vs PIL ops)."""
     ours.set_epoch(0)
@@ -308,18 +319,22 @@ def main() -> None:
         if export:
             dataset = datasets.get("float16 parquet") or datasets["given"]
             options = dict(image_size=args.image_size, sampling="sequential", shuffle=False)
-            ours_before = ReinforcedTorchDataset(dataset, **options)
+            per_row_before = TorchDatasetBefore(dataset, **options)
+            ours_before = TorchDatasetBefore(dataset, batch_size=args.batch_size, **options)
             ours_after = ReinforcedTorchDataset(dataset, batch_size=args.batch_size, **options)
             theirs = MobileClipLoaderPath(export, args.image_size, args.batch_size)
             check_same_views(ours_after, theirs)
+            check_same_pixels(ours_before, ours_after)
             images = "kept in the dataset" if dataset.manifest["config"]["output"]["keep_images"] else "read from the input shards"
             print(f"training samples/s per core (replay at {args.image_size} px + normalise + collate, batch "
                   f"{args.batch_size}; originals {images}; the export holds them in its tars):")
             mobileclip = per_second(samples_mobileclip(theirs), args.seconds)
-            before = per_second(samples_before(ours_before, args.batch_size), args.seconds)
+            per_row = per_second(samples_before(per_row_before, args.batch_size), args.seconds)
+            before = per_second(samples_after(ours_before), args.seconds)
             after = per_second(samples_after(ours_after), args.seconds)
-            print(f"  MobileCLIP loader path {mobileclip:7.1f}   ours before {before:7.1f} ({before / mobileclip:.2f}x)   "
-                  f"ours after {after:7.1f} ({after / mobileclip:.2f}x MobileCLIP, {after / before:.2f}x before)")
+            print(f"  MobileCLIP loader path {mobileclip:7.1f}   ours per-row, before {per_row:7.1f} ({per_row / mobileclip:.2f}x)   "
+                  f"ours before {before:7.1f} ({before / mobileclip:.2f}x)   ours after {after:7.1f} "
+                  f"({after / mobileclip:.2f}x MobileCLIP, {after / before:.2f}x before)")
 
 
 if __name__ == "__main__":

@@ -18,9 +18,9 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
-from dr_pipeline.views.augment import render_view, render_views
+from dr_pipeline.views.augment import render_picture_view, render_view, render_views
 from dr_pipeline.core.config import InputConfig, JobConfig
-from dr_pipeline.views.decode import decode_image
+from dr_pipeline.views.decode import decode_image, decode_picture
 from dr_pipeline.core.errors import DatasetError
 from dr_pipeline.sources.records import InputFailure, RawSample
 from dr_pipeline.sources.shards import iter_shard
@@ -224,13 +224,22 @@ class ViewRenderer:
         return self.augmentation.random_resized_crop.size
 
     def decode(self, row: dict[str, Any]) -> torch.Tensor:
+        return decode_image(self._image_bytes(row), self.max_image_pixels)
+
+    def _image_bytes(self, row: dict[str, Any]) -> bytes:
         if row.get("image") is None:
             raise DatasetError(f"sample {row['key']!r} has no image bytes to replay its views from")
-        return decode_image(row["image"], self.max_image_pixels)
+        return row["image"]
 
     def render(self, row: dict[str, Any], index: int, size: int | None = None) -> torch.Tensor:
         """View `index` of the row as uint8 [3, size, size] (default: the generator's view size)."""
         return render_view(self.decode(row), row["aug"][index], size or self.view_size, self.augmentation)
+
+    def render_into(self, row: dict[str, Any], index: int, size: int, out: np.ndarray) -> None:
+        """View `index` of the row written into `out`, uint8 [size, size, 3] (channels last: a loader's
+        batch buffer); the pixels of `render`, without a tensor of the original in between."""
+        picture = decode_picture(self._image_bytes(row), self.max_image_pixels)
+        render_picture_view(picture, row["aug"][index], size, self.augmentation, out=out)
 
     def render_all(self, row: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         """The decoded original uint8 [3, H, W] and all K views uint8 [K, 3, S, S] at the generator's size."""

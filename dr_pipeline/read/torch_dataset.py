@@ -208,10 +208,7 @@ class ReinforcedTorchDataset(IterableDataset):
             collated["original"] = [self.renderer.decode(row) for row in rows]
             collated["view_params"] = [row["aug"][view] for row, view in zip(rows, views)]
         else:
-            pixels = torch.empty((len(chunk), 3, self.image_size, self.image_size), dtype=torch.uint8)
-            for target, row, view in zip(pixels, rows, views):
-                target.copy_(self.renderer.render(row, view, self.image_size))
-            collated["image"] = self._normalised(pixels)
+            collated["image"] = self._images(rows, views)
         collated["view_index"] = torch.tensor(views)
         collated["image_emb"] = _gathered(chunk, self._image_columns, views)
         collated["text"] = [batch.column("text")[index] for batch, _, index in chunk]
@@ -225,10 +222,21 @@ class ReinforcedTorchDataset(IterableDataset):
         collated["position"] = torch.tensor(positions)
         return collated
 
+    def _images(self, rows: list[dict[str, Any]], views: list[int]) -> torch.Tensor:
+        """View views[i] of each row replayed at the student's size and normalised: float32 [N, 3, size, size].
+        Each view is rendered straight into one channels-last uint8 batch (PIL's layout), which changes
+        layout once, in the widening copy of the normalisation."""
+        pixels = np.empty((len(rows), self.image_size, self.image_size, 3), dtype=np.uint8)
+        for target, row, view in zip(pixels, rows, views):
+            self.renderer.render_into(row, view, self.image_size, target)
+        return self._normalised(torch.from_numpy(pixels).permute(0, 3, 1, 2))
+
     def _normalised(self, pixels: torch.Tensor) -> torch.Tensor:
-        """uint8 [N, 3, S, S] -> float32 scaled to [0, 1] then normalised with the student's mean / std."""
+        """uint8 [N, 3, S, S] in any memory layout -> contiguous float32 scaled to [0, 1] then normalised
+        with the student's mean / std (a channels-last batch changes layout in the one widening copy)."""
         mean, std = self.mean.to(pixels.device), self.std.to(pixels.device)
-        return pixels.float().div_(255).sub_(mean).div_(std)
+        widened = torch.empty(pixels.shape, dtype=torch.float32, device=pixels.device).copy_(pixels)
+        return widened.div_(255).sub_(mean).div_(std)
 
     def images_on(self, batch: dict[str, Any], device: torch.device | str, pin_memory: bool = True) -> torch.Tensor:
         """A render_on="device" batch's views rendered on `device` from its originals and view parameters

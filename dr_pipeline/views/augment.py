@@ -6,8 +6,9 @@ parameters. Sampling is a pure function of (run seed, sample key, view index,
 image size, config), so any subset of a dataset can be recomputed anywhere.
 
 Two renderers, one reference:
-- `render_view` / `render_views` (the CPU renderer, used by generation and every
-  replay) run the reference itself: torchvision's functional ops on PIL images,
+- `render_view` / `render_views` / `render_picture_view` (the CPU renderer, used by
+  generation and every replay; the last renders from a decoded PIL picture into a
+  channels-last buffer, the training loader's way) run the reference itself: torchvision's functional ops on PIL images,
   the path trainers run (MobileCLIP's loader: `resized_crop` with the stored
   box, then torchvision RandAugment's op mapping on the PIL view). Its views
   equal the reference's pixel for pixel (bench/bench_fidelity.py, README "Fidelity").
@@ -255,10 +256,37 @@ def render_views(
     by the reference PIL path (the image is converted to PIL once for all its views)."""
     image = _check_image(image)
     picture = Image.fromarray(np.ascontiguousarray(image.cpu().permute(1, 2, 0).numpy()))
-    views = torch.empty((len(params), 3, size, size), dtype=torch.uint8)
-    for index, view_params in enumerate(params):
-        views[index] = _render_pil(picture, view_params, size, cfg)
-    return views
+    views = np.empty((len(params), size, size, 3), dtype=np.uint8)
+    for target, view_params in zip(views, params):
+        render_picture_view(picture, view_params, size, cfg, out=target)
+    return torch.from_numpy(views).permute(0, 3, 1, 2).contiguous()
+
+
+def render_picture_view(
+    picture: Image.Image, params: ViewParams, size: int, cfg: AugmentationConfig, out: np.ndarray | None = None
+) -> np.ndarray:
+    """The view `params` of a decoded RGB picture (`decode.decode_picture`) as uint8 [size, size, 3],
+    written into `out` when given: the reference PIL path in PIL's own channels-last layout, so a
+    loader rendering into its batch buffer transposes nothing per view. The pixels of `render_view`:
+    torchvision's RandomResizedCrop, RandomHorizontalFlip and RandAugment on the PIL image given these
+    parameters, then erasing on the uint8 result, as on a tensor."""
+    if picture.mode != "RGB":
+        raise ValueError(f"expected an RGB picture, got mode {picture.mode}")
+    _check_crop(params, picture.height, picture.width)
+    view = pil_ops.resized_crop(
+        picture, *params.crop, [size, size], interpolation=InterpolationMode(cfg.random_resized_crop.interpolation)
+    )
+    if params.flip:
+        view = pil_ops.hflip(view)
+    view = _rand_augment(view, params, size, cfg)
+    if out is None:
+        out = np.empty((size, size, 3), dtype=np.uint8)
+    out[...] = np.asarray(view)
+    box = _erase_box(params, size, cfg)
+    if box is not None:
+        top, left, height, width = box
+        out[top : top + height, left : left + width] = 0
+    return out
 
 
 def render_views_tensor(
@@ -271,20 +299,6 @@ def render_views_tensor(
     for index, view_params in enumerate(params):
         views[index] = _render_tensor(image, view_params, size, cfg)
     return views
-
-
-def _render_pil(picture: Image.Image, params: ViewParams, size: int, cfg: AugmentationConfig) -> torch.Tensor:
-    """The reference: what torchvision's RandomResizedCrop, RandomHorizontalFlip and RandAugment
-    do to a PIL image given these parameters; erasing on the uint8 result, as on a tensor."""
-    _check_crop(params, picture.height, picture.width)
-    view = pil_ops.resized_crop(
-        picture, *params.crop, [size, size], interpolation=InterpolationMode(cfg.random_resized_crop.interpolation)
-    )
-    if params.flip:
-        view = pil_ops.hflip(view)
-    view = _rand_augment(view, params, size, cfg)
-    pixels = torch.from_numpy(np.array(view, dtype=np.uint8)).permute(2, 0, 1).contiguous()
-    return _erase(pixels, params, size, cfg)
 
 
 def _render_tensor(image: torch.Tensor, params: ViewParams, size: int, cfg: AugmentationConfig) -> torch.Tensor:
@@ -312,9 +326,18 @@ def _rand_augment(view: Any, params: ViewParams, size: int, cfg: AugmentationCon
     return view
 
 
+def _erase_box(params: ViewParams, size: int, cfg: AugmentationConfig) -> tuple[int, int, int, int] | None:
+    """The erasing box (top, left, height, width) in pixels of a view rendered at `size`."""
+    if params.erase is None:
+        return None
+    pixel_scale = size / cfg.random_resized_crop.size
+    top, left, height, width = (int(round(v * pixel_scale)) for v in params.erase)
+    return top, left, height, width
+
+
 def _erase(view: torch.Tensor, params: ViewParams, size: int, cfg: AugmentationConfig) -> torch.Tensor:
-    if params.erase is not None:
-        pixel_scale = size / cfg.random_resized_crop.size
-        top, left, height, width = (int(round(v * pixel_scale)) for v in params.erase)
+    box = _erase_box(params, size, cfg)
+    if box is not None:
+        top, left, height, width = box
         view[:, top : top + height, left : left + width] = 0
     return view

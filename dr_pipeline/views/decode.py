@@ -11,8 +11,8 @@ Untrusted bytes, so:
   even when max_pixels would allow it.
 
 The decode rule (part of the dataset contract: the generator, `show`, `verify`,
-`--extend`, the reader's replay and the PyTorch dataset all decode with
-`decode_image`, and the export hands consumers the same pixels):
+`--extend` and the reader's replay decode with `decode_image`, the PyTorch dataset's
+loader with `decode_picture`, its PIL form, and the export hands consumers the same pixels):
 1. the first frame of an animation (GIF, APNG, WebP, MPO) is the image;
 2. EXIF orientation is applied (crop boxes are in upright pixels);
 3. transparency (an alpha channel, or a palette or colour-key transparency entry)
@@ -55,6 +55,13 @@ class ImageRejected(Exception):
 
 def decode_image(data: bytes, max_pixels: int) -> torch.Tensor:
     """The upright image as a contiguous uint8 tensor [3, H, W] on the CPU."""
+    return torch.from_numpy(np.array(decode_picture(data, max_pixels))).permute(2, 0, 1).contiguous()
+
+
+def decode_picture(data: bytes, max_pixels: int) -> Image.Image:
+    """The upright image as an RGB PIL image: `decode_image`'s pixels in the form the CPU renderer
+    works on, so a loader that renders from it copies and transposes nothing (an upright RGB
+    JPEG is the decoder's own image, untouched)."""
     if ImageFile.LOAD_TRUNCATED_IMAGES:
         raise RuntimeError(
             "PIL.ImageFile.LOAD_TRUNCATED_IMAGES was set to True in this process; "
@@ -68,7 +75,8 @@ def decode_image(data: bytes, max_pixels: int) -> torch.Tensor:
                     "image_too_large", f"{width}x{height} is {width * height} pixels, over the limit of {max_pixels}"
                 )
             image.load()
-            pixels = _rgb_array(ImageOps.exif_transpose(image))
+            ImageOps.exif_transpose(image, in_place=True)
+            return _rgb_picture(image)
     except ImageRejected:
         raise
     except Image.DecompressionBombError as error:
@@ -81,7 +89,6 @@ def decode_image(data: bytes, max_pixels: int) -> torch.Tensor:
         raise
     except Exception as error:  # Pillow's decoders raise many types on malformed data; all mean "bad bytes"
         raise ImageRejected("undecodable_image", error_line(error, with_type=True)) from None
-    return torch.from_numpy(pixels).permute(2, 0, 1).contiguous()
 
 
 def differs_from_plain_decode(data: bytes, max_pixels: int) -> bool:
@@ -111,18 +118,18 @@ def _orientation(image: Image.Image) -> int:
     return int(image.getexif().get(ExifTags.Base.Orientation, 1))
 
 
-def _rgb_array(image: Image.Image) -> np.ndarray:
-    """A writable uint8 [H, W, 3] array of any Pillow mode."""
+def _rgb_picture(image: Image.Image) -> Image.Image:
+    """Any Pillow mode as 8-bit RGB by the decode rule; an RGB image without transparency as it is."""
     if image.mode in _WIDE_GREY_MODES:
         grey = np.asarray(image).astype(np.int64).clip(0, 65535)
-        return _grey_to_rgb(((grey * 255 + 32767) // 65535).astype(np.uint8))
+        return Image.fromarray(_grey_to_rgb(((grey * 255 + 32767) // 65535).astype(np.uint8)))
     if image.mode == "F":
         grey = np.nan_to_num(np.asarray(image), nan=0.0).clip(0, 255)
-        return _grey_to_rgb(np.rint(grey).astype(np.uint8))
+        return Image.fromarray(_grey_to_rgb(np.rint(grey).astype(np.uint8)))
     if image.has_transparency_data:
         rgba = image.convert("RGBA")
         image = Image.alpha_composite(Image.new("RGBA", rgba.size, _WHITE), rgba)
-    return np.array(image.convert("RGB"))
+    return image if image.mode == "RGB" else image.convert("RGB")
 
 
 def _grey_to_rgb(grey: np.ndarray) -> np.ndarray:

@@ -69,3 +69,4 @@ def assert_fast_samples_equal_row_path(url, **options):
     assert [len(b["key"]) for b in batches] == [5] * (len(expected) // 5) + ([len(expected) % 5] if len(expected) % 5 else [])
     for index, batch in enumerate(batches):
         assert_same_values(batch, default_collate(expected[5 * index: 5 * index + 5]), f"batch {index}")
+        assert batch["image"].is_contiguous()  # rendered channels last, handed over in torch's default layout

@@ -16,6 +16,7 @@ from torchvision.transforms import InterpolationMode
 from dr_pipeline.core.records import RAND_AUGMENT_OPS, ViewParams
 from dr_pipeline.views.augment import (
     center_view_params,
+    render_picture_view,
     render_view,
     render_views,
     render_views_tensor,
@@ -420,6 +421,24 @@ def test_replay_is_pixel_identical():
     assert torch.equal(render_views(IMAGE, replayed_from_records, VIEW, ALL_STAGES), first)
     assert torch.equal(torch.stack([render_view(IMAGE, p, VIEW, ALL_STAGES) for p in params]), first)
     assert len({view.numpy().tobytes() for view in first}) == len(params)
+
+
+@pytest.mark.parametrize("size", [VIEW, 40])
+def test_picture_views_are_render_views_channels_last_written_into_the_buffer(size):
+    params = sample_views(0, "picture", *IMAGE.shape[1:], ALL_STAGES)
+    assert any(p.erase for p in params) and any(p.flip for p in params) and any(p.rand_augment for p in params)
+    expected = render_views(IMAGE, params, size, ALL_STAGES).permute(0, 2, 3, 1).numpy()
+    picture = to_picture(IMAGE)
+    buffer = np.full((len(params), size, size, 3), 7, dtype=np.uint8)
+    for target, view_params in zip(buffer, params):
+        assert render_picture_view(picture, view_params, size, ALL_STAGES, out=target) is target
+    np.testing.assert_array_equal(buffer, expected)
+    np.testing.assert_array_equal(render_picture_view(picture, params[0], size, ALL_STAGES), expected[0])
+
+
+def test_picture_views_need_an_rgb_picture():
+    with pytest.raises(ValueError, match="RGB picture, got mode L"):
+        render_picture_view(to_picture(IMAGE).convert("L"), ViewParams(CROP, False, None, None), VIEW, ALL_STAGES)
 
 
 def test_erase_sets_the_box_to_zero_and_nothing_else():

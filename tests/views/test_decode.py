@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image, ImageFile
 
-from dr_pipeline.views.decode import ImageRejected, decode_image
+from dr_pipeline.views.decode import ImageRejected, decode_image, decode_picture
 
 LIMIT = 10_000_000
 
@@ -107,6 +107,34 @@ def test_exif_orientation_6_turns_the_image_upright():
     red_corner = pixel(tensor, 2, 13)  # the top-left corner is now top-right
     assert red_corner[0] > 240 and red_corner[2] < 15
     assert pixel(tensor, 29, 2)[2] > 240
+
+
+def test_picture_is_the_decoded_image_as_an_rgb_pil_image():
+    """The loader's form of the decode: EXIF turned, transparency on white, grey broadcast, all RGB."""
+    stored = Image.new("RGB", (32, 16), (0, 0, 255))
+    stored.paste((255, 0, 0), (0, 0, 8, 8))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    turned = decode_picture(encode(stored, "JPEG", quality=95, exif=exif), LIMIT)
+    assert turned.mode == "RGB" and turned.size == (16, 32)
+    red, blue = turned.getpixel((13, 2)), turned.getpixel((2, 29))
+    assert red[0] > 240 and red[2] < 15 and blue[2] > 240
+    see_through = decode_picture(encode(Image.new("LA", (3, 2), (0, 128)), "PNG"), LIMIT)
+    assert see_through.mode == "RGB" and see_through.getpixel((2, 1)) == (127, 127, 127)
+    grey = decode_picture(encode(Image.new("L", (3, 2), 77), "PNG"), LIMIT)
+    assert grey.mode == "RGB" and grey.getpixel((0, 0)) == (77, 77, 77)
+    for data in (encode(stored, "JPEG", quality=95, exif=exif), encode(Image.new("I;16", (3, 2), 257), "PNG")):
+        np.testing.assert_array_equal(np.asarray(decode_picture(data, LIMIT)),
+                                      decode_image(data, LIMIT).permute(1, 2, 0).numpy())
+
+
+def test_picture_is_checked_as_the_tensor_is():
+    with pytest.raises(ImageRejected) as caught:
+        decode_picture(encode(Image.new("RGB", (20, 20)), "PNG"), 399)
+    assert caught.value.reason == "image_too_large"
+    with pytest.raises(ImageRejected) as caught:
+        decode_picture(encode(Image.new("RGB", (20, 20)), "JPEG")[:-40], LIMIT)
+    assert caught.value.reason == "undecodable_image"
 
 
 def test_one_pixel_image():
