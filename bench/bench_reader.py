@@ -335,6 +335,11 @@ def main() -> None:
             print(f"  MobileCLIP loader path {mobileclip:7.1f}   ours per-row, before {per_row:7.1f} ({per_row / mobileclip:.2f}x)   "
                   f"ours before {before:7.1f} ({before / mobileclip:.2f}x)   ours after {after:7.1f} "
                   f"({after / mobileclip:.2f}x MobileCLIP, {after / before:.2f}x before)")
+            if "float16 ipc" in datasets:  # the same rows stored as Arrow IPC: the trainer's format
+                ours_ipc = ReinforcedTorchDataset(datasets["float16 ipc"], batch_size=args.batch_size, **options)
+                check_same_views(ours_ipc, theirs)
+                ipc = per_second(samples_after(ours_ipc), args.seconds)
+                print(f"  ours after, rows from the ipc dataset {ipc:7.1f} ({ipc / mobileclip:.2f}x MobileCLIP)")
 
 
 if __name__ == "__main__":
