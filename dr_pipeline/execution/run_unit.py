@@ -1,7 +1,7 @@
 """The Ray task of `dr-gen run`: produce and commit one unit (see runner.py for the data flow).
 
-Imported by the unit tasks' workers and, once Ray is starting, by the driver (torch, the views'
-rendering and the models' input side are imported here, not by runner.py).
+Imported by the unit tasks' worker processes only (runner.process_unit_task): torch, the views'
+rendering and the models' input side, which the driver does without.
 """
 
 from __future__ import annotations
