@@ -14,10 +14,21 @@ A plugin (the `python:` kind, or a kind registered with `register_kind`) needs o
 package's names below and those core modules.
 """
 
+from typing import Any
+
 from dr_pipeline.core.records import VIEW_RESIZE, CaptionerCard, TeacherCard
-from teachers.base import Captioner, Teacher
 from teachers.flops import ModelCost
 from teachers.registry import build_captioner, build_teacher, check_spec, model_cost, teacher_kinds
+
+
+def __getattr__(name: str) -> Any:
+    """`Teacher` and `Captioner` (teachers/base.py imports torch) on first use: checking a job's
+    specs imports this package and must not import torch."""
+    if name in ("Captioner", "Teacher"):
+        from teachers import base  # noqa: PLC0415
+
+        return getattr(base, name)
+    raise AttributeError(f"module 'teachers' has no attribute {name!r}")
 
 __all__ = [
     "VIEW_RESIZE",

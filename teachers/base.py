@@ -21,8 +21,6 @@ from dr_pipeline.core.seeding import derive_seed
 from teachers.sampling import postprocess_caption
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-QUOTED_ERROR_CHARS = 300
-"""At most this much of a library's error is quoted in a ConfigError (model loaders' errors run long)."""
 _AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 

@@ -43,7 +43,6 @@ from dr_pipeline.core.config import CaptionerConfig, SamplerConfig, TeacherConfi
 from dr_pipeline.core.errors import ConfigError, error_line
 from dr_pipeline.core.records import VIEW_RESIZE, CaptionerCard, TeacherCard
 from teachers.base import (
-    QUOTED_ERROR_CHARS,
     SeededCaptioner,
     TwoTowerTeacher,
     pixels_for_model,
@@ -51,18 +50,12 @@ from teachers.base import (
     resolve_precision,
     seeded_init,
 )
-from teachers.registry import Role, TeacherKind, register_kind
 from teachers.sampling import RowNoise, choose_tokens
-from teachers.weights import model_location_problem
+from teachers.weights import QUOTED_ERROR_CHARS
 
 KIND = "hf"
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 _PIL_RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
-
-
-def spec_problem(rest: str, role: Role) -> str | None:
-    return model_location_problem(rest)
-
 
 
 def _is_random_init(rest: str) -> bool:
@@ -323,19 +316,3 @@ def build_hf_captioner(rest: str, config: CaptionerConfig, device: torch.device,
         decoding="kv-cache",
     )
     return HfCaptioner(model, processors, card, prompt, device, resolve_precision(precision, device))
-
-
-register_kind(
-    TeacherKind(
-        name=KIND,
-        description="transformers models (hub id or local folder; a folder with only a config gets seeded random "
-        "weights): teachers with get_image_features / get_text_features (CLIP, SigLIP), captioners with a "
-        "generate that takes pixel values (BLIP, GIT, VisionEncoderDecoder, image-text-to-text models)",
-        example="hf:openai/clip-vit-large-patch14",
-        captioner_example="hf:Salesforce/blip-image-captioning-large",
-        spec_problem=spec_problem,
-        build_teacher=build_hf_teacher,
-        build_captioner=build_hf_captioner,
-        options={"prompt": "captioner: text the processor puts before the caption (e.g. '<image> A photo of')"},
-    )
-)

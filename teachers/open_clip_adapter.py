@@ -1,4 +1,5 @@
-"""The `open_clip:` kind: any open_clip model as a teacher, open_clip CoCa models as captioners.
+"""The `open_clip:` kind's builders: any open_clip model as a teacher, open_clip CoCa models as
+captioners (its spec checks and costs, which need no open_clip import, are in open_clip_spec.py).
 
 Spec forms (REST after `open_clip:`):
   MODEL/TAG                 pretrained tag from open_clip.list_pretrained()
@@ -14,10 +15,7 @@ The tiny configs in model_configs/ are registered with open_clip on import.
 
 from __future__ import annotations
 
-import difflib
 import logging
-from dataclasses import dataclass
-from pathlib import Path
 
 import open_clip
 import torch
@@ -28,7 +26,6 @@ from dr_pipeline.core.config import CaptionerConfig, SamplerConfig, TeacherConfi
 from dr_pipeline.core.errors import ConfigError, error_line
 from dr_pipeline.core.records import VIEW_RESIZE, CaptionerCard, TeacherCard
 from teachers.base import (
-    QUOTED_ERROR_CHARS,
     SeededCaptioner,
     TwoTowerTeacher,
     precision_context,
@@ -37,133 +34,15 @@ from teachers.base import (
     seeded_init,
 )
 from teachers.coca_decoding import FullRecomputeStepper, KVCacheStepper, kv_cache_unsupported
-from teachers.flops import DecoderShape, ModelCost, attentional_pool_flops, text_flops, vit_flops
-from teachers.registry import Role, TeacherKind, register_kind
+from teachers.open_clip_spec import NOT_GENERATIVE, OUR_MODEL_CONFIGS, OpenClipSpec
 from teachers.sampling import sample_tokens
-from teachers.weights import HF_HUB, HUB_ID, describe_weights, local_weights, weights_problem
+from teachers.weights import QUOTED_ERROR_CHARS, describe_weights, local_weights
 
 KIND = "open_clip"
 
-open_clip.add_model_config(Path(__file__).parent / "model_configs")
+open_clip.add_model_config(OUR_MODEL_CONFIGS)
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class OpenClipSpec:
-    """REST of an `open_clip:` spec, split into what open_clip.create_model takes."""
-
-    model: str  # open_clip model name, or "hf-hub:ORG/NAME"
-    tag: str | None = None
-    path: str | None = None  # a weights reference (teachers/weights.py)
-
-    @classmethod
-    def parse(cls, rest: str) -> "OpenClipSpec":
-        if rest.startswith(HF_HUB):
-            return cls(rest)
-        if "@" in rest:
-            model, _, path = rest.partition("@")
-            return cls(model, path=path)
-        model, slash, tag = rest.partition("/")
-        return cls(model, tag=tag if slash else None)
-
-    @property
-    def hub_id(self) -> str | None:
-        return self.model[len(HF_HUB) :] if self.model.startswith(HF_HUB) else None
-
-    @property
-    def random_init(self) -> bool:
-        return self.hub_id is None and self.tag is None and self.path is None
-
-
-def _registry_model_of_hub_id(hub_id: str) -> str | None:
-    """The architecture of a hub id that open_clip's pretrained list knows, without the network."""
-    for model, tag in open_clip.list_pretrained():
-        if open_clip.get_pretrained_cfg(model, tag).get("hf_hub", "").rstrip("/") == hub_id:
-            return model
-    return None
-
-
-def _is_generative(model_name: str) -> bool:
-    return "multimodal_cfg" in (open_clip.get_model_config(model_name) or {})
-
-
-_NOT_GENERATIVE = "{} has no text decoder; a captioner needs an open_clip CoCa model (e.g. coca_ViT-L-14)"
-
-
-def spec_problem(rest: str, role: Role) -> str | None:
-    """What is wrong with an `open_clip:` spec, checked offline; None when it looks usable."""
-    if not rest:
-        return "missing model name, e.g. open_clip:ViT-B-32/openai"
-    spec = OpenClipSpec.parse(rest)
-    if spec.hub_id is not None:
-        if not HUB_ID.fullmatch(spec.hub_id):
-            return f"hf-hub id must be ORG/NAME, got {spec.hub_id!r}"
-        known = _registry_model_of_hub_id(spec.hub_id)
-        if role == "captioner" and known is not None and not _is_generative(known):
-            return _NOT_GENERATIVE.format(spec.hub_id)
-        return None
-    if spec.model not in open_clip.list_models():
-        close = difflib.get_close_matches(spec.model, open_clip.list_models(), n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else " (see open_clip.list_models())"
-        return f"unknown open_clip model {spec.model!r}{hint}"
-    if spec.tag is not None and not open_clip.is_pretrained_cfg(spec.model, spec.tag):
-        tags = open_clip.list_pretrained_tags_by_model(spec.model)
-        known = ", ".join(tags[:6]) + (f" and {len(tags) - 6} more" if len(tags) > 6 else "")
-        return f"unknown pretrained tag {spec.tag!r} for {spec.model} (known: {known or 'none'})"
-    if spec.path is not None and (problem := weights_problem(spec.path)):
-        return problem
-    if role == "captioner" and not _is_generative(spec.model):
-        return _NOT_GENERATIVE.format(spec.model)
-    return None
-
-
-def estimate_cost(rest: str, role: Role) -> ModelCost | None:
-    """Per-item forward FLOPs from the model's open_clip config (no weights read; see teachers/flops.py).
-
-    ViT towers and open_clip text towers are covered; a timm or Hugging Face tower
-    gets None for its FLOPs. An hf-hub spec is covered when open_clip's pretrained
-    list names its architecture.
-    """
-    spec = OpenClipSpec.parse(rest)
-    model = _registry_model_of_hub_id(spec.hub_id) if spec.hub_id is not None else spec.model
-    config = open_clip.get_model_config(model) if model else None
-    if not config:
-        return None
-    embed_dim = config["embed_dim"]
-    vision, text = config["vision_cfg"], config["text_cfg"]
-    image = described = None
-    if "timm_model_name" not in vision and isinstance(vision.get("layers"), int):
-        size = vision.get("image_size", 224)
-        size = size if isinstance(size, int) else size[0]
-        patch, width = vision["patch_size"], vision["width"]
-        image = vit_flops(size, patch, width, vision["layers"], embed_dim, vision.get("mlp_ratio", 4.0))
-        if vision.get("attentional_pool"):
-            tokens = (size // patch) ** 2 + 1
-            image += attentional_pool_flops(tokens, width, vision.get("attn_pooler_queries", 256), embed_dim)
-        described = f"ViT {size}px/{patch} width {width} x {vision['layers']} layers"
-    text_cost = None
-    if "hf_model_name" not in text:
-        tokens = text["context_length"] + (1 if text.get("embed_cls") else 0)  # CoCa appends a CLS token
-        text_cost = text_flops(tokens, text["width"], text["layers"], embed_dim,
-                               text.get("mlp_ratio", 4.0))
-    decoder = None
-    multimodal = config.get("multimodal_cfg")
-    if multimodal and role == "captioner":
-        decoder = DecoderShape(
-            text_width=text["width"],
-            text_layers=text["layers"],
-            decoder_width=multimodal["width"],
-            decoder_layers=multimodal["layers"],
-            vocab_size=multimodal.get("vocab_size", text["vocab_size"]),
-            image_tokens=vision.get("attn_pooler_queries", 256) - 1,  # the first pooled token is the embedding
-            mlp_ratio=multimodal.get("mlp_ratio", 4.0),
-        )
-    architecture = ", ".join(filter(None, [
-        model, described or "image tower not covered",
-        f"text width {text['width']} x {text['layers']} layers, context {text['context_length']}",
-    ]))
-    return ModelCost(embed_dim, image, text_cost, decoder, architecture)
 
 
 def _initialise_decoder_projection(model: nn.Module) -> None:
@@ -323,7 +202,7 @@ def build_open_clip_captioner(
 ) -> OpenClipCaptioner:
     model, weights = load_model(config.spec, rest)
     if not isinstance(model, open_clip.CoCa):
-        raise ConfigError(f"captioner spec {config.spec!r}: " + _NOT_GENERATIVE.format(rest))
+        raise ConfigError(f"captioner spec {config.spec!r}: " + NOT_GENERATIVE.format(rest))
     model_name = OpenClipSpec.parse(rest).model
     tokenizer = open_clip.get_tokenizer(model_name)
     if not isinstance(tokenizer, open_clip.SimpleTokenizer):
@@ -343,20 +222,3 @@ def build_open_clip_captioner(
         decoding="full-recompute" if unsupported else "kv-cache",
     )
     return OpenClipCaptioner(model, tokenizer, card, device, resolve_precision(precision, device))
-
-
-register_kind(
-    TeacherKind(
-        name=KIND,
-        description="open_clip models by pretrained tag (MODEL/TAG), hub repository (hf-hub:ORG/NAME), checkpoint "
-        "file (MODEL@/path, MODEL@hf-hub:ORG/NAME[/FILE], MODEL@s3://...) or seeded random init (MODEL); "
-        "CoCa models can also caption",
-        example="open_clip:ViT-L-14/datacomp_xl_s13b_b90k",
-        captioner_example="open_clip:coca_ViT-L-14@hf-hub:apple/mobileclip2_coca_dfn2b_s13b_mscoco38k_s12m_context77",
-        spec_problem=spec_problem,
-        build_teacher=build_open_clip_teacher,
-        build_captioner=build_open_clip_captioner,
-        estimate_cost=estimate_cost,
-        options={},
-    )
-)

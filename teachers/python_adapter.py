@@ -13,17 +13,18 @@ from __future__ import annotations
 
 import importlib
 import re
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from dr_pipeline.core.config import CaptionerConfig, TeacherConfig
 from dr_pipeline.core.errors import ConfigError
 from dr_pipeline.core.records import CaptionerCard, TeacherCard
-from teachers.base import Captioner, Teacher
-from teachers.registry import Role, TeacherKind, register_kind
+from teachers.registry import Role
 
-KIND = "python"
+if TYPE_CHECKING:  # the spec check (this module) imports neither torch nor the model libraries
+    import torch
+
+    from teachers.base import Captioner, Teacher
+
 _TARGET = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
 
 
@@ -69,18 +70,3 @@ def build_python_teacher(rest: str, config: TeacherConfig, device: torch.device,
 
 def build_python_captioner(rest: str, config: CaptionerConfig, device: torch.device, precision: str) -> Captioner:
     return _build(rest, config, device, precision, CaptionerCard)
-
-
-register_kind(
-    TeacherKind(
-        name=KIND,
-        description="your own class, called as ClassName(config, device, precision); it returns an object with a "
-        "card and encode_image / encode_text (a teacher) or caption (a captioner); the config entry's options "
-        "are its settings",
-        example="python:examples.timm_teacher:TimmImageTeacher",
-        spec_problem=spec_problem,
-        build_teacher=build_python_teacher,
-        build_captioner=build_python_captioner,
-        options=None,
-    )
-)

@@ -1,32 +1,27 @@
 """Teachers and captioners named by a spec string `KIND:REST`, built by the adapter of KIND.
 
-Each kind is a small adapter module that calls `register_kind` when imported; the
-built-in ones are listed in `_BUILTIN_KIND_MODULES` and imported on first use, so
-naming a spec costs nothing until a spec is checked or built. Adding a kind means
-writing one module and adding its name to that list.
+The built-in kinds are declared in teachers/builtin_kinds.py, registered on first use: their
+offline checks and option lists import no adapter, so checking a job's specs imports neither
+torch nor any model library (the run starts Ray only after them); each adapter module is
+imported when a model of its kind is built. Adding a kind means writing its adapter and
+declaring it there; a plug-in kind calls `register_kind`.
 """
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
-from typing import Any, Callable, Literal, Mapping
-
-import torch
+from typing import TYPE_CHECKING, Any, Callable, Literal, Mapping
 
 from dr_pipeline.core.config import CaptionerConfig, TeacherConfig
 from dr_pipeline.core.errors import ConfigError
-from teachers.base import Captioner, Teacher
 from teachers.flops import ModelCost
 
-Role = Literal["teacher", "captioner"]
+if TYPE_CHECKING:
+    import torch
 
-_BUILTIN_KIND_MODULES = (
-    "teachers.open_clip_adapter",
-    "teachers.hf_adapter",
-    "teachers.sentence_transformers_adapter",
-    "teachers.python_adapter",
-)
+    from teachers.base import Captioner, Teacher
+
+Role = Literal["teacher", "captioner"]
 
 
 @dataclass(frozen=True)
@@ -70,8 +65,10 @@ def register_kind(kind: TeacherKind) -> None:
 def _kinds() -> dict[str, TeacherKind]:
     global _builtins_loaded
     if not _builtins_loaded:
-        for module in _BUILTIN_KIND_MODULES:
-            importlib.import_module(module)
+        from teachers.builtin_kinds import BUILTIN_KINDS  # noqa: PLC0415 - it imports this module
+
+        for kind in BUILTIN_KINDS:
+            register_kind(kind)
         _builtins_loaded = True
     return _KINDS
 
@@ -113,6 +110,8 @@ def check_spec(spec: str, role: Role, options: Mapping[str, Any] | None = None) 
 
 
 def build_teacher(config: TeacherConfig, device: str | torch.device = "cpu", precision: str = "fp32") -> Teacher:
+    import torch  # noqa: PLC0415 - only building needs it: checking specs stays free of torch
+
     kind, rest = _resolve(config.spec, "teacher", config.options)
     return kind.build_teacher(rest, config, torch.device(device), precision)
 
@@ -120,6 +119,8 @@ def build_teacher(config: TeacherConfig, device: str | torch.device = "cpu", pre
 def build_captioner(
     config: CaptionerConfig, device: str | torch.device = "cpu", precision: str = "fp32"
 ) -> Captioner:
+    import torch  # noqa: PLC0415 - only building needs it: checking specs stays free of torch
+
     kind, rest = _resolve(config.spec, "captioner", config.options)
     assert kind.build_captioner is not None  # _resolve checked the role
     return kind.build_captioner(rest, config, torch.device(device), precision)

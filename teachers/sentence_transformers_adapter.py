@@ -15,15 +15,10 @@ import torch
 from dr_pipeline.core.config import TeacherConfig
 from dr_pipeline.core.errors import ConfigError, error_line
 from dr_pipeline.core.records import VIEW_RESIZE, TeacherCard
-from teachers.base import QUOTED_ERROR_CHARS, precision_context, resolve_precision
-from teachers.registry import Role, TeacherKind, register_kind
-from teachers.weights import model_location_problem
+from teachers.base import precision_context, resolve_precision
+from teachers.weights import QUOTED_ERROR_CHARS
 
 KIND = "st"
-
-
-def spec_problem(rest: str, role: Role) -> str | None:
-    return model_location_problem(rest)
 
 
 class SentenceTransformerTeacher:
@@ -84,16 +79,3 @@ def build_sentence_transformer_teacher(
         has_image=False,
     )
     return SentenceTransformerTeacher(model, card, device, resolve_precision(precision, device))
-
-
-register_kind(
-    TeacherKind(
-        name=KIND,
-        description="a sentence-transformers model (hub id or local folder) as a text-only teacher: it embeds the "
-        "real and synthetic captions, and the dataset has no image embedding column for it",
-        example="st:sentence-transformers/all-MiniLM-L6-v2",
-        spec_problem=spec_problem,
-        build_teacher=build_sentence_transformer_teacher,
-        options={},
-    )
-)

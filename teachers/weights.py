@@ -26,8 +26,9 @@ from fsspec.core import url_to_fs
 
 from dr_pipeline.core.errors import ConfigError, error_line
 from dr_pipeline.core.storage import redact_url
-from teachers.base import QUOTED_ERROR_CHARS
 
+QUOTED_ERROR_CHARS = 300
+"""At most this much of a library's error is quoted in a ConfigError (model loaders' errors run long)."""
 HF_HUB = "hf-hub:"
 HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 

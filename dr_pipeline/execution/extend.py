@@ -48,7 +48,8 @@ from dr_pipeline.execution.progress import RunProgress, UnitReporter, run_record
 from dr_pipeline.execution.unit_tasks import (
     RunSummary, model_results, ray_session, run_unit_tasks, storage_retried, unit_task,
 )
-from dr_pipeline.generate.model_worker import ModelWorker, check_job
+from dr_pipeline.generate.job_check import check_job
+from dr_pipeline.generate.model_worker import ModelWorker
 from dr_pipeline.generate.prepare import PreparedBatch, ViewBatch, caption_input_sizes
 from dr_pipeline.read.reader import ReinforcedDataset
 from dr_pipeline.read.replay import unit_rows_with_images
@@ -312,8 +313,9 @@ def _extend_planned(
     summary.units_skipped = len(units) - len(todo)
     runs = read_runs(out)
     if todo:
-        with ray_session(address):
-            actors = ModelActors.start(extension.job, ExtensionWorker, extension)
+        with ray_session(address) as ray_up:
+            ray_up()
+            actors = ModelActors.start(extension.job, f"{__name__}:{ExtensionWorker.__name__}", extension)
             described = actors.wait_started()
             summary.startup_seconds = time.time() - started
             _check_known_cards(manifest, described, extension)

@@ -13,6 +13,7 @@ Ray places the actors (SPREAD over the nodes) and restarts one whose process die
 
 from __future__ import annotations
 
+import importlib
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,6 +26,24 @@ from dr_pipeline.core.errors import DrGenError, error_line
 from dr_pipeline.core.records import ModelCards
 
 WATCH_SECONDS = 1.0  # how often the cluster's nodes and resources are read again
+
+
+class ModelHost:
+    """The model actor's class: it names its worker ("module:Class") instead of holding it, so
+    the driver creates model actors without importing torch or a model library; the actor's
+    process imports them and builds the worker (generate.model_worker.ModelWorker, or extend's
+    ExtensionWorker) from `args`."""
+
+    def __init__(self, worker: str, *args: Any):
+        module, _, name = worker.partition(":")
+        self.worker = getattr(importlib.import_module(module), name)(*args)
+
+    def describe(self) -> ModelCards:
+        return self.worker.describe()
+
+    def process(self, batch: Any) -> Any:
+        """The worker's results for one batch (a ViewBatch: generate.model_worker.BatchResult)."""
+        return self.worker.process(batch)
 
 
 @dataclass
@@ -43,7 +62,7 @@ class ModelActors:
 
     job: JobConfig
     actor_class: Any
-    actor_args: tuple
+    actor_args: tuple  # ModelHost's
     gpus: float
     live: list[ModelActor] = field(default_factory=list)
     starting: dict[Any, Any] = field(default_factory=dict)  # describe() ref -> actor handle
@@ -52,19 +71,20 @@ class ModelActors:
     first: list[Any] = field(default_factory=list)  # the first actors' describe() refs
 
     @classmethod
-    def start(cls, job: JobConfig, worker_class: type, worker_arg: Any = None) -> "ModelActors":
+    def start(cls, job: JobConfig, worker: str, worker_arg: Any = None) -> "ModelActors":
         """Create the first `min` actors (more when the cluster already holds them) and return
         at once, while they load their models. On a single node they are usable at once (unit
-        tasks start while the models load); on a cluster once `wait_started` has their nodes."""
+        tasks start while the models load); on a cluster once `wait_started` has their nodes.
+        Each actor builds `worker` ("module:Class") from (`worker_arg` or the job, use a GPU)."""
         resources = job.resources
         gpus = resources.gpus_per_actor
         if gpus == "auto":
             gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
-        actor_class = ray.remote(worker_class).options(
+        actor_class = ray.remote(ModelHost).options(
             num_cpus=resources.cpus_per_actor, num_gpus=gpus, max_restarts=3, max_task_retries=3,
             scheduling_strategy="SPREAD",
         )
-        actors = cls(job, actor_class, (worker_arg or job, gpus > 0), gpus)
+        actors = cls(job, actor_class, (worker, worker_arg or job, gpus > 0), gpus)
         span = resources.actor_range
         if span.max > span.min:
             bundle = {"CPU": resources.cpus_per_actor, **({"GPU": gpus} if gpus else {})}

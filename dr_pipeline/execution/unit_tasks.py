@@ -15,8 +15,9 @@ import contextlib
 import functools
 import time
 from collections import Counter, deque
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, TypeVar
 
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -30,8 +31,10 @@ from dr_pipeline.dataset.manifest import StatsSum
 from dr_pipeline.dataset.plan import Unit
 from dr_pipeline.execution.model_actors import ModelActor, ModelActors
 from dr_pipeline.execution.progress import POLL_SECONDS, ProgressTracker, RunProgress, start_tally
-from dr_pipeline.generate.model_worker import BatchResult
-from dr_pipeline.generate.prepare import ViewBatch
+
+if TYPE_CHECKING:  # the driver imports this module and needs no torch: only the unit tasks do
+    from dr_pipeline.generate.model_worker import BatchResult
+    from dr_pipeline.generate.prepare import ViewBatch
 
 T = TypeVar("T")
 
@@ -56,16 +59,35 @@ class RunSummary:
 
 
 @contextlib.contextmanager
-def ray_session(address: str | None) -> Iterator[None]:
-    """Join the cluster at `address` (or RAY_ADDRESS), else start a local Ray; reuse one already running."""
+def ray_session(address: str | None, start_now: bool = True) -> Iterator[Callable[[], None]]:
+    """Join the cluster at `address` (or RAY_ADDRESS), else start a local Ray; reuse one already running.
+
+    Yields `ray_up()`, which returns once Ray is up (raising what ray.init raised). With
+    `start_now`, Ray starts at once in a thread, so that what the caller does meanwhile (take the
+    output's lease, import the unit tasks' side) overlaps Ray's start; else at the first
+    `ray_up()`, if any. A Ray started here is shut down on exit, also when the body failed while
+    it was starting.
+    """
     if ray.is_initialized():
-        yield
+        yield lambda: None
         return
-    ray.init(address=address, include_dashboard=False, log_to_driver=True, logging_level="WARNING")
+    starter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dr-gen-ray-start")
+    init = functools.partial(ray.init, address=address, include_dashboard=False, log_to_driver=True,
+                             logging_level="WARNING")
+    starting: list[Future] = [starter.submit(init)] if start_now else []
+
+    def ray_up() -> None:
+        if not starting:
+            starting.append(starter.submit(init))
+        starting[0].result()
+
     try:
-        yield
+        yield ray_up
     finally:
-        ray.shutdown()
+        wait(starting)
+        starter.shutdown()
+        if ray.is_initialized():
+            ray.shutdown()
 
 
 def model_results(
@@ -91,10 +113,10 @@ def model_results(
         items, batch_ref, result_ref = in_flight.popleft()
         result = attempt(result_ref)
         for _ in range(resources.max_batch_retries):
-            if isinstance(result, BatchResult):
+            if not isinstance(result, str):
                 break
             result = attempt(worker.process.remote(batch_ref))
-        if isinstance(result, BatchResult) or len(items) == 1:
+        if not isinstance(result, str) or len(items) == 1:
             yield items, result
             return
         batch = ray.get(batch_ref)

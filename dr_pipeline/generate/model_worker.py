@@ -13,7 +13,6 @@ import numpy as np
 import ray
 import torch
 
-from dr_pipeline.dataset.formats import format_for
 from dr_pipeline.core.accelerator import Acceleration, teacher_batch_size, views_to_device
 from dr_pipeline.core.config import JobConfig, ResourcesConfig
 from dr_pipeline.core.records import ModelCards
@@ -21,7 +20,7 @@ from dr_pipeline.generate.prepare import ViewBatch, caption_input_sizes, render_
 from dr_pipeline.core.schema import transfer_dtype
 from dr_pipeline.core.seeding import derive_seed
 from dr_pipeline.core.timing import StageClock
-from teachers import Teacher, build_captioner, build_teacher, check_spec
+from teachers import Teacher, build_captioner, build_teacher
 
 
 @dataclass
@@ -35,16 +34,6 @@ class BatchResult:
 def caption_seeds(run_seed: int, captioner_id: str, keys: list[str], num_captions: int) -> list[list[int]]:
     """Seeds of caption j of each key: a pure function of (run seed, key, captioner, j)."""
     return [[derive_seed(run_seed, key, f"caption/{captioner_id}", j) for j in range(num_captions)] for key in keys]
-
-
-def check_job(job: JobConfig) -> None:
-    """Everything about the job that can be checked without loading a model or starting Ray: its
-    output format is registered, each teacher and captioner spec names a known kind with valid options."""
-    format_for(job.output.format)
-    for teacher in job.teachers:
-        check_spec(teacher.spec, "teacher", teacher.options)
-    for captioner in job.captioners:
-        check_spec(captioner.spec, "captioner", captioner.options)
 
 
 def model_threads(resources: ResourcesConfig) -> int:

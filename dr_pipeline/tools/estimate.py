@@ -35,7 +35,7 @@ from dr_pipeline.core.errors import ConfigError
 from dr_pipeline.sources.formats import ShardCount
 from dr_pipeline.sources.listing import list_shards
 from dr_pipeline.sources.shards import detect_format
-from dr_pipeline.generate.model_worker import check_job
+from dr_pipeline.generate.job_check import check_job
 from dr_pipeline.dataset.formats import format_for
 from teachers import model_cost
 

@@ -25,7 +25,8 @@ from dr_pipeline.core.config import parse_job
 from dr_pipeline.core.errors import ConfigError
 from dr_pipeline.dataset.manifest import MANIFEST_FILE
 from dr_pipeline.read.reader import open_dataset
-from dr_pipeline.execution.runner import plan_output, process_unit, run_job
+from dr_pipeline.execution.run_unit import process_unit
+from dr_pipeline.execution.runner import plan_output, run_job
 from dr_pipeline.tools.validate import validate_dataset
 from dr_pipeline.tools.verify import verify_dataset
 from tests.events import EventPipe
@@ -216,7 +217,7 @@ def test_no_secret_reaches_outputs_or_logs(flaky_run, full_disk_run):
 
 def _own_lines(output):
     """dr-gen's lines of a run's output: without the lines Ray forwards from its workers
-    ("(ModelWorker pid=...) ...", library warnings at model load) and the closing line naming
+    ("(ModelHost pid=...) ...", library warnings at model load) and the closing line naming
     the run's log file."""
     return [line for line in output.strip().splitlines()
             if not RAY_WORKER_LINE.match(line) and not line.startswith("log: ")]

@@ -1,6 +1,7 @@
 """A newcomer's first commands, as real processes with their output in pipes: the quickstart run
 prints only dr-gen's own lines (library messages go to the log file it names once), no ANSI
-codes; `inspect` and `validate` never import torch, Ray or transformers; the quickstart's output
+codes, and its driver imports no torch nor any model library (the actors and unit tasks do);
+`inspect` and `validate` never import torch, Ray or transformers; the quickstart's output
 exports with the README's own command."""
 
 import json
@@ -27,6 +28,13 @@ OUR_LINES = [
 ]
 
 
+def _imported(stderr):
+    """The modules a process run with `-X importtime` imported, and its stderr without those lines."""
+    lines = stderr.splitlines(keepends=True)
+    imported = {line.rsplit("|", 1)[-1].strip() for line in lines if line.startswith("import time:")}
+    return imported, "".join(line for line in lines if not line.startswith("import time:"))
+
+
 def _cli(args, tmp_path, *extra):
     env = {**os.environ, "PYTHONPATH": str(REPOSITORY), "DR_GEN_LOG_DIR": str(tmp_path / "logs"),
            "RAY_USAGE_STATS_ENABLED": "0", "TERM": "xterm-256color"}
@@ -37,15 +45,18 @@ def _cli(args, tmp_path, *extra):
 
 @pytest.fixture(scope="module")
 def quickstart_run(sample_shards, tmp_path_factory):
-    """`dr-gen run jobs/quickstart.yaml` on the sample shards, stdout and stderr piped."""
+    """`dr-gen run jobs/quickstart.yaml` on the sample shards, stdout and stderr piped; with the
+    modules its driver imported (`-X importtime`, whose lines are taken out of stderr)."""
     root = tmp_path_factory.mktemp("newcomer")
     run = _cli(["run", str(QUICKSTART), "--input", str(Path(sample_shards[0]).parent / "{00000..00002}.tar"),
-                "--output", str(root / "out")], root)
-    return run, root
+                "--output", str(root / "out")], root, "-X", "importtime")
+    imported, run.stderr = _imported(run.stderr)
+    logs = list((root / "logs").glob("*.log"))  # once torch or Ray could speak, stderr goes to the run's log
+    return run, root, imported | set().union(*(_imported(log.read_text(errors="replace"))[0] for log in logs))
 
 
 def test_quickstart_prints_only_our_lines_and_names_its_log_once(quickstart_run):
-    run, root = quickstart_run
+    run, root, _ = quickstart_run
     assert run.returncode == 0, run.stderr
     printed = run.stdout.splitlines() + run.stderr.splitlines()
     assert "\x1b" not in run.stdout + run.stderr
@@ -60,8 +71,17 @@ def test_quickstart_prints_only_our_lines_and_names_its_log_once(quickstart_run)
     assert "No pretrained weights loaded" in log.read_text(errors="replace")
 
 
+def test_the_run_driver_imports_no_torch_and_no_model_library(quickstart_run):
+    """The spec checks read no model, the unit task and the model actors' class are imported by
+    the processes that run them: the driver's start (Ray's, then the actors') waits on none of these."""
+    run, _, imported = quickstart_run
+    assert run.returncode == 0, run.stderr
+    assert {"ray", "dr_pipeline.execution.runner", "dr_pipeline.execution.unit_tasks", "teachers.open_clip_spec"} <= imported
+    assert not {"torch", "torchvision", "open_clip", "transformers", "timm", "webdataset"} & imported
+
+
 def test_a_resume_summarises_the_whole_dataset_beside_this_run(quickstart_run, sample_shards):
-    _, root = quickstart_run
+    _, root, _ = quickstart_run
     rerun = _cli(["run", str(QUICKSTART), "--input", str(Path(sample_shards[0]).parent / "{00000..00002}.tar"),
                   "--output", str(root / "out")], root)
     assert rerun.returncode == 0, rerun.stderr
@@ -71,17 +91,17 @@ def test_a_resume_summarises_the_whole_dataset_beside_this_run(quickstart_run, s
 
 @pytest.mark.parametrize("command", ["inspect", "validate"])
 def test_inspect_and_validate_never_import_torch_ray_or_transformers(quickstart_run, command):
-    _, root = quickstart_run
+    _, root, _ = quickstart_run
     done = _cli([command, str(root / "out")], root, "-X", "importtime")
-    assert done.returncode == 0, done.stderr
-    imported = {line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines() if line.startswith("import time:")}
+    imported, stderr = _imported(done.stderr)
+    assert done.returncode == 0, stderr
     assert imported and not {"torch", "ray", "transformers", "torchvision", "open_clip"} & imported
     assert "intact: 3 units, 18 samples" in done.stdout if command == "validate" else "One sample" in done.stdout
 
 
 def test_the_quickstart_output_exports_with_the_readme_command(quickstart_run):
     """README: `dr-gen export out/quickstart out/quickstart-datacompdr --format datacompdr`."""
-    _, root = quickstart_run
+    _, root, _ = quickstart_run
     readme = (REPOSITORY / "README.md").read_text()
     assert "dr-gen export out/quickstart out/quickstart-datacompdr --format datacompdr" in readme
     done = _cli(["export", str(root / "out"), str(root / "exported"), "--format", "datacompdr"], root)
@@ -143,7 +163,7 @@ def test_make_setups_editable_install_prints_nothing(tmp_path):
 def test_show_draws_with_the_bundled_fonts_and_names_the_characters_they_lack(quickstart_run):
     from dr_pipeline.tools.show import FONT_SIZE, CaptionFonts
 
-    _, root = quickstart_run
+    _, root, _ = quickstart_run
     done = _cli(["show", str(root / "out"), "--key", "000000000", "--out", str(root / "grid.png"), "--json"], root)
     assert done.returncode == 0, done.stderr
     shown = json.loads(done.stdout)
@@ -153,7 +173,7 @@ def test_show_draws_with_the_bundled_fonts_and_names_the_characters_they_lack(qu
 
 
 def test_verify_prints_whole_teacher_ids_at_80_columns(quickstart_run):
-    _, root = quickstart_run
+    _, root, _ = quickstart_run
     done = subprocess.run([sys.executable, "-m", "dr_pipeline.cli", "verify", str(root / "out"), "--samples", "2"],
                           capture_output=True, text=True, timeout=600, cwd=root,
                           env={**os.environ, "PYTHONPATH": str(REPOSITORY), "COLUMNS": "80",

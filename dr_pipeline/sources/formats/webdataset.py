@@ -17,8 +17,6 @@ import tarfile
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
-from webdataset.tariterators import base_plus_ext
-
 from dr_pipeline.core.config import InputConfig
 from dr_pipeline.core.errors import error_line
 from dr_pipeline.core.storage import RetryingReader
@@ -68,6 +66,17 @@ class _StrictTarInfo(tarfile.TarInfo):
             return super().frombuf(buf, encoding, errors)
         except tarfile.HeaderError as error:
             raise DamagedTarError(f"damaged tar header ({error})") from None
+
+
+_MEMBER_NAME = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
+
+
+def base_plus_ext(path: str) -> tuple[str | None, str | None]:
+    """(key, suffix) of a tar member, named as webdataset names them (webdataset.tariterators'
+    base_plus_ext: the key runs to the first dot of the file name); (None, None) without a dot.
+    Written out here: importing webdataset imports torch, which listing and planning do without."""
+    match = _MEMBER_NAME.match(path)
+    return (match.group(1), match.group(2)) if match else (None, None)
 
 
 @dataclass

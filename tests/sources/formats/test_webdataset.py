@@ -133,3 +133,13 @@ def test_empty_tar_yields_nothing_and_non_tar_files_one_unreadable_failure():
         assert read[0].detail.startswith("not a tar archive")
     unknown = read_all(put(memory_url("mystery"), b"neither format"))
     assert [(f.key, f.reason) for f in unknown] == [("mystery#unreadable", "unreadable_shard")]
+
+
+def test_member_keys_are_named_as_webdataset_names_them():
+    from webdataset.tariterators import base_plus_ext as webdatasets
+
+    from dr_pipeline.sources.formats.webdataset import base_plus_ext
+
+    names = ["000001.jpg", "a/b/000001.json", "a.b/c.d.e", "shard/x.tar.gz", "noext", "dir.d/noext", "x.", ".hidden",
+             "k.JPG", "a/b/"]
+    assert [base_plus_ext(name) for name in names] == [webdatasets(name) for name in names]
