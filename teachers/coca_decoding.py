@@ -126,8 +126,11 @@ class KVCacheStepper:
     def __init__(self, model: nn.Module, image_embs: torch.Tensor, row_image: torch.Tensor, capacity: int):
         self.text = model.text
         self.decoder = model.text_decoder
+        # Each row's copy of its image's keys/values, laid out [A, H, T, E/H] contiguous: read per
+        # row per step, they take SDPA half the time of the [A, T, H, E/H] layout a gather of the
+        # heads-split projection leaves, with the same results.
         self.cross_keys_values = [
-            tuple(part[row_image] for part in _image_keys_values(block, image_embs))
+            tuple(part.contiguous()[row_image] for part in _image_keys_values(block, image_embs))
             for block in self.decoder.cross_attn
         ]
         self.cache = KVCache(len(self.text.transformer.resblocks) + len(self.decoder.resblocks), capacity)

@@ -35,6 +35,11 @@ from dr_pipeline.core.config import CaptionPostprocessConfig, SamplerConfig
 
 NUCLEUS_CANDIDATES = 8
 """Best perturbed tokens tested for nucleus membership before a row falls back to the sort."""
+CPU_CHUNK_BYTES = 2 * 1024 * 1024
+"""Rows sampled together on a CPU: a choice makes about five float64 [rows, V] passes' worth of
+temporaries, and with every row at once (8 MB per array at 20 rows of a 49,408-token vocabulary)
+each pass streams from memory; 2 MiB of rows at a time stay in cache, which made sampling about
+1.7x faster on the bench's 20 rows. Rows are independent, so the tokens are the same."""
 NUCLEUS_TOLERANCE = 1e-9
 """A membership decision is trusted when the probability ranked before a token is this far from
 top_p. The sort-based rule and ours sum up to 49k float64 probabilities in different orders:
@@ -164,7 +169,28 @@ def choose_tokens(
     Order (as Hugging Face's processors): repetition penalty, min_length, temperature,
     top_k (ties at the k-th score kept), top_p (on the top_k-renormalised distribution),
     then Gumbel-max over the kept tokens.
+
+    On a CPU the rows are taken CPU_CHUNK_BYTES at a time (see there); elsewhere all at once.
     """
+    rows, vocab = logits.shape
+    chunk = max(1, CPU_CHUNK_BYTES // (8 * vocab)) if logits.device.type == "cpu" else rows
+    if rows <= chunk:
+        return _choose_tokens_of_rows(logits, history, num_generated, uniforms, sampler, stop_tokens)
+    return torch.cat([
+        _choose_tokens_of_rows(logits[start : start + chunk], history[start : start + chunk], num_generated,
+                               uniforms[start : start + chunk], sampler, stop_tokens)
+        for start in range(0, rows, chunk)
+    ])
+
+
+def _choose_tokens_of_rows(
+    logits: torch.Tensor,
+    history: torch.Tensor,
+    num_generated: int,
+    uniforms: torch.Tensor,
+    sampler: SamplerConfig,
+    stop_tokens: torch.Tensor,
+) -> torch.Tensor:
     scores = filtered_scores(logits, history, num_generated, sampler, stop_tokens)
     best = scores.max(dim=-1, keepdim=True).values  # top_p always keeps the best token
     if not torch.isfinite(best).all():

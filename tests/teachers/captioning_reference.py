@@ -9,11 +9,50 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from dr_pipeline.core.config import SamplerConfig
 from teachers.base import pixels_for_model, precision_context
-from teachers.coca_decoding import _attend, _cross_attention_block, _image_keys_values, _projection, _split_heads
+
+
+# The attention helpers of teachers/coca_decoding.py as they were, copied so that optimising the
+# current decoder cannot change (or speed up) the reference.
+
+
+def _split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
+    rows, length, width = x.shape
+    return x.view(rows, length, num_heads, width // num_heads).transpose(1, 2)
+
+
+def _merge_heads(x: torch.Tensor) -> torch.Tensor:
+    rows, heads, length, head_dim = x.shape
+    return x.transpose(1, 2).reshape(rows, length, heads * head_dim)
+
+
+def _projection(attn: nn.MultiheadAttention, x: torch.Tensor, part: slice) -> torch.Tensor:
+    bias = attn.in_proj_bias[part] if attn.in_proj_bias is not None else None
+    return F.linear(x, attn.in_proj_weight[part], bias)
+
+
+def _attend(attn: nn.MultiheadAttention, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor):
+    out = F.scaled_dot_product_attention(_split_heads(query, attn.num_heads), keys, values)
+    return attn.out_proj(_merge_heads(out))
+
+
+def _cross_attention_block(block, x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor):
+    width = x.shape[-1]
+    query = _projection(block.attn, block.ln_1(x), slice(0, width))
+    x = x + block.ls_1(_attend(block.attn, query, keys, values))
+    return x + block.ls_2(block.mlp(block.ln_2(x)))
+
+
+def _image_keys_values(block, image_embs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    width = image_embs.shape[-1]
+    image = block.ln_1_kv(image_embs)
+    keys = _projection(block.attn, image, slice(width, 2 * width))
+    values = _projection(block.attn, image, slice(2 * width, 3 * width))
+    return _split_heads(keys, block.attn.num_heads), _split_heads(values, block.attn.num_heads)
 
 
 class RowNoise:

@@ -317,6 +317,26 @@ def test_sort_free_nucleus_picks_what_the_sort_picks(top_p, top_k, monkeypatch):
     assert sum(by_sort) < rows  # most rows were decided without sorting
 
 
+def test_rows_sampled_in_cache_sized_chunks_pick_what_all_rows_at_once_pick(monkeypatch):
+    generator = torch.Generator().manual_seed(11)
+    rows, vocab = 12, 49408  # a CPU chunk holds 5 rows of CoCa's vocabulary
+    logits = torch.randn(rows, vocab, generator=generator)
+    uniforms = torch.rand(rows, vocab, generator=generator, dtype=torch.float64)
+    history = torch.randint(0, vocab, (rows, 3), generator=generator)
+    sampler = SamplerConfig(top_p=0.9, repetition_penalty=1.2, min_length=0)
+    chunks = []
+    chunk_rows = sampling._choose_tokens_of_rows
+    monkeypatch.setattr(sampling, "_choose_tokens_of_rows", lambda *args: chunks.append(len(args[0])) or chunk_rows(*args))
+
+    chunked = choose_tokens(logits, history, 3, uniforms, sampler, NO_STOPS)
+    monkeypatch.setattr(sampling, "CPU_CHUNK_BYTES", rows * vocab * 8)
+    at_once = choose_tokens(logits, history, 3, uniforms, sampler, NO_STOPS)
+
+    assert chunks == [5, 5, 2, 12]
+    assert torch.equal(chunked, at_once)
+    assert torch.equal(chunked, before.choose_tokens(logits, history, 3, uniforms, sampler, NO_STOPS))
+
+
 def test_the_sort_decides_rows_whose_nucleus_boundary_is_too_close_to_call():
     logits = torch.tensor([[0.0, 0.0, 0.0, 0.0], [2.0, 1.0, 0.0, -1.0]])  # row 0: four equal scores
     uniforms = torch.rand(2, 4, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
