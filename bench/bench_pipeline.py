@@ -46,6 +46,7 @@ from dr_pipeline.dataset.manifest import layout_for, read_manifest
 from dr_pipeline.generate.model_worker import ModelWorker, model_threads
 from dr_pipeline.dataset.plan import make_plan
 from dr_pipeline.generate.prepare import caption_input_sizes, prepare_unit
+from dr_pipeline.execution.model_actors import ModelHost
 from dr_pipeline.execution.runner import run_job
 from dr_pipeline.tools.sample_data import write_sample_data
 from dr_pipeline.core.storage import Location
@@ -90,28 +91,34 @@ class PeakMemory:
             self._sample()
 
     def _sample(self) -> None:
-        parents = {}
+        """Every process of this run: this one, its descendants, and Ray workers (titled "ray::")
+        started after it, which a raylet that is not this process's child may have spawned."""
+        me = os.getpid()
+        stats = {}
         for entry in os.listdir("/proc"):
             if entry.isdigit():
                 stat = _read(f"/proc/{entry}/stat")
                 if stat:
-                    parents[int(entry)] = int(stat.rsplit(")", 1)[1].split()[1])
-        me = os.getpid()
-        for pid in parents:
+                    fields = stat.rsplit(")", 1)[1].split()
+                    stats[int(entry)] = (int(fields[1]), int(fields[19]))  # parent, start time
+        if me not in stats:
+            return
+        my_start = stats[me][1]
+        for pid, (_, started) in stats.items():
             ancestor = pid
-            while ancestor not in (me, 0, 1) and ancestor in parents:
-                ancestor = parents[ancestor]
-            if ancestor != me:
+            while ancestor not in (me, 0, 1) and ancestor in stats:
+                ancestor = stats[ancestor][0]
+            title = _read(f"/proc/{pid}/cmdline")
+            if ancestor != me and not (title.startswith("ray::") and started >= my_start):
                 continue
             status = _read(f"/proc/{pid}/status")
             peak = next((line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:")), None)
             if peak is None:
                 continue
             self.peaks[pid] = max(self.peaks.get(pid, 0), int(peak) * 1024)
-            title = _read(f"/proc/{pid}/cmdline")
             if pid == me:
                 self.roles[pid] = "driver"
-            elif "ModelWorker" in title:
+            elif ModelHost.__name__ in title:
                 self.roles[pid] = "model actor"
             elif "process_unit" in title:
                 self.roles[pid] = "CPU worker"
