@@ -39,6 +39,7 @@ import glob
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -63,7 +64,7 @@ from dr_pipeline.read.reader import ROWS_PER_BATCH, ReinforcedDataset, file_batc
 from dr_pipeline.read.replay import unit_rows_with_images
 from dr_pipeline.execution.runner import run_job
 from dr_pipeline.tools.sample_data import write_sample_data
-from bench.loader_before import TorchDatasetBefore
+from loader_before import TorchDatasetBefore
 from dr_pipeline.read.torch_dataset import ReinforcedTorchDataset
 from dr_pipeline.dataset.formats import format_for
 from dr_pipeline.dataset.formats.parquet import ROW_GROUP_ROWS, ParquetFormat, dictionary_columns
@@ -110,7 +111,12 @@ def generate(scratch: str, copies: int, keep_images: bool) -> tuple[dict[str, st
         name: datacompdr_shaped_job(shards, f"{scratch}/{name.replace(' ', '-')}", output_format, dtype, keep_images)
         for name, (output_format, dtype) in GENERATED.items()
     }
-    ray.init(include_dashboard=False, log_to_driver=False, num_cpus=os.cpu_count())
+    # The stand-in teachers' spec names bench.shape_teachers: importable from the repository root,
+    # here (the spec check) and in Ray's workers.
+    sys.path.insert(0, str(ROOT))
+    python_path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    ray.init(include_dashboard=False, log_to_driver=False, num_cpus=os.cpu_count(),
+             runtime_env={"env_vars": {"PYTHONPATH": python_path}})
     try:
         for job in jobs.values():
             run_job(job)

@@ -18,7 +18,7 @@ import pyarrow as pa
 import torch
 import webdataset.autodecode as autodecode
 
-import bench.bench_reader as bench
+import bench_reader as bench
 import dr_pipeline.read.replay as replay
 import dr_pipeline.read.torch_dataset as torch_dataset
 from dr_pipeline.read.reader import open_dataset
