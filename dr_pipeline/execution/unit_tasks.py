@@ -85,9 +85,11 @@ def ray_session(address: str | None, start_now: bool = True) -> Iterator[Callabl
         yield ray_up
     finally:
         wait(starting)
-        starter.shutdown()
         if ray.is_initialized():
-            ray.shutdown()
+            # From the thread that started it: from any other thread, Ray's driver shutdown waits
+            # about 5 s more (1.4 s against 5.0 s on the 2-core VM).
+            starter.submit(ray.shutdown).result()
+        starter.shutdown()
 
 
 def model_results(
