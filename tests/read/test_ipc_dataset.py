@@ -11,9 +11,12 @@ import pytest
 from typer.testing import CliRunner
 
 from dr_pipeline.cli import app
+from dr_pipeline.core.config import parse_job
+from dr_pipeline.execution.extend import extend_dataset
 from dr_pipeline.execution.runner import run_job
 from dr_pipeline.read.reader import open_dataset
 from dr_pipeline.tools.export import export_datacompdr
+from tests.conftest import EXTENSION_TEACHER
 from tests.read.fast_path import assert_batches_equal_rows
 
 
@@ -106,3 +109,47 @@ def test_export_equals_the_webdataset_runs_export(generated, tmp_path):
     assert ipc["source"].pop("config_hash") == generated["ipc"].dataset.manifest["config_hash"]
     webdataset["source"].pop("config_hash")  # output.format is part of the config
     assert ipc == webdataset
+
+
+def test_extend_writes_ipc_sidecars_whose_rows_equal_the_webdataset_extension(
+    generated, sample_shards, small_job_dict, tmp_path
+):
+    """--extend of an ipc dataset (a third teacher): its sidecars are Arrow IPC files, and its rows,
+    new teacher included, equal those of the same extension of the job written as webdataset;
+    validate, verify and show take the extended ipc dataset like any other."""
+    from_input = {"augmentation": {"horizontal_flip": {"p": 0.0}, "random_erasing": {"p": 0.0}}}
+    extended = {}
+    for name, output_format in (("ipc", "ipc"), ("from_input", "webdataset")):
+        out = shutil.copytree(generated[name].job.output.url.removeprefix("file://"), tmp_path / name)
+        job = small_job_dict(sample_shards, out, output={"format": output_format, "embedding_dtype": "bfloat16"},
+                             **from_input)
+        job["teachers"] = [*job["teachers"], EXTENSION_TEACHER]
+        extend_dataset(parse_job(job))
+        extended[name] = open_dataset(str(out))
+    ipc, webdataset = extended["ipc"], extended["from_input"]
+
+    (extension,) = ipc.manifest["extensions"]
+    sidecars = sorted(unit["files"][extension["extension"]]["path"] for unit in ipc.units)
+    assert sidecars == [f"sidecars/{extension['extension']}/{unit}.arrow" for unit in ("00000", "00001", "00002")]
+    assert all((tmp_path / "ipc" / path).is_file() for path in sidecars)
+    rows, expected = list(ipc.iter_samples()), list(webdataset.iter_samples())
+    assert len(rows) == len(expected) == 18
+    new_columns = [name for name in expected[0] if EXTENSION_TEACHER["id"] in name]
+    assert new_columns, list(expected[0])
+    for row, want in zip(rows, expected):
+        assert row.keys() == want.keys()
+        for name, value in want.items():
+            if isinstance(value, np.ndarray):
+                assert row[name].dtype == value.dtype and np.array_equal(row[name], value), (want["key"], name)
+            else:
+                assert row[name] == value, (want["key"], name)
+    assert assert_batches_equal_rows(ipc) == 18
+
+    assert _cli(["validate", tmp_path / "ipc"])[0] == 0
+    code, lines = _cli(["verify", tmp_path / "ipc", "--samples", "4", "--json"])
+    assert code == 0, lines
+    report = json.loads("\n".join(lines))
+    assert EXTENSION_TEACHER["id"] in json.dumps(report)
+    png = tmp_path / "grid.png"
+    code, lines = _cli(["show", tmp_path / "ipc", "--key", rows[0]["key"], "--out", png])
+    assert code == 0 and png.stat().st_size > 0, lines
