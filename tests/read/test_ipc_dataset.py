@@ -31,12 +31,8 @@ def ipc_copy(generated, tmp_path):
     return shutil.copytree(generated["ipc"].job.output.url.removeprefix("file://"), tmp_path / "ipc")
 
 
-def test_rows_equal_the_same_job_written_as_webdataset(generated):
-    ipc, webdataset = generated["ipc"].dataset, generated["from_input"].dataset
-    assert ipc.manifest["format"] == "ipc"
-    assert [u["files"]["data"]["path"] for u in ipc.units] == [f"data/{u['id']}.arrow" for u in webdataset.units]
-    rows, expected = list(ipc.iter_samples()), list(webdataset.iter_samples())
-    assert len(rows) == len(expected) == 18
+def _assert_same_rows(rows, expected):
+    """Same columns, same values, same dtypes, row by row."""
     for row, want in zip(rows, expected):
         assert row.keys() == want.keys()
         for name, value in want.items():
@@ -44,6 +40,15 @@ def test_rows_equal_the_same_job_written_as_webdataset(generated):
                 assert row[name].dtype == value.dtype and np.array_equal(row[name], value), (want["key"], name)
             else:
                 assert row[name] == value, (want["key"], name)
+
+
+def test_rows_equal_the_same_job_written_as_webdataset(generated):
+    ipc, webdataset = generated["ipc"].dataset, generated["from_input"].dataset
+    assert ipc.manifest["format"] == "ipc"
+    assert [u["files"]["data"]["path"] for u in ipc.units] == [f"data/{u['id']}.arrow" for u in webdataset.units]
+    rows, expected = list(ipc.iter_samples()), list(webdataset.iter_samples())
+    assert len(rows) == len(expected) == 18
+    _assert_same_rows(rows, expected)
     assert assert_batches_equal_rows(ipc) == 18
 
 
@@ -136,13 +141,7 @@ def test_extend_writes_ipc_sidecars_whose_rows_equal_the_webdataset_extension(
     assert len(rows) == len(expected) == 18
     new_columns = [name for name in expected[0] if EXTENSION_TEACHER["id"] in name]
     assert new_columns, list(expected[0])
-    for row, want in zip(rows, expected):
-        assert row.keys() == want.keys()
-        for name, value in want.items():
-            if isinstance(value, np.ndarray):
-                assert row[name].dtype == value.dtype and np.array_equal(row[name], value), (want["key"], name)
-            else:
-                assert row[name] == value, (want["key"], name)
+    _assert_same_rows(rows, expected)
     assert assert_batches_equal_rows(ipc) == 18
 
     assert _cli(["validate", tmp_path / "ipc"])[0] == 0
