@@ -17,6 +17,10 @@ from dr_pipeline.read.reader import ReinforcedDataset, open_dataset
 from dr_pipeline.execution.runner import run_job
 
 
+# The from_input and ipc jobs' augmentation: no flip or erasing, so the DataCompDR layout holds it.
+FROM_INPUT = {"augmentation": {"horizontal_flip": {"p": 0.0}, "random_erasing": {"p": 0.0}}}
+
+
 @dataclass(frozen=True)
 class Generated:
     job: JobConfig
@@ -27,14 +31,13 @@ class Generated:
 def generated(sample_shards, small_job_dict, tmp_path_factory):
     """{"kept": Generated, "from_input": Generated, "ipc": Generated}, from one local Ray session."""
     root = tmp_path_factory.mktemp("reading")
-    from_input = {"augmentation": {"horizontal_flip": {"p": 0.0}, "random_erasing": {"p": 0.0}}}
     jobs = {
         "kept": parse_job(small_job_dict(sample_shards, root / "kept", output={"keep_images": True})),
         "from_input": parse_job(small_job_dict(
-            sample_shards, root / "from_input", output={"format": "webdataset", "embedding_dtype": "bfloat16"}, **from_input,
+            sample_shards, root / "from_input", output={"format": "webdataset", "embedding_dtype": "bfloat16"}, **FROM_INPUT,
         )),
         "ipc": parse_job(small_job_dict(
-            sample_shards, root / "ipc", output={"format": "ipc", "embedding_dtype": "bfloat16"}, **from_input,
+            sample_shards, root / "ipc", output={"format": "ipc", "embedding_dtype": "bfloat16"}, **FROM_INPUT,
         )),
     }
     started_here = not ray.is_initialized()

@@ -17,6 +17,7 @@ from dr_pipeline.execution.runner import run_job
 from dr_pipeline.read.reader import open_dataset
 from dr_pipeline.tools.export import export_datacompdr
 from tests.conftest import EXTENSION_TEACHER
+from tests.read.conftest import FROM_INPUT
 from tests.read.fast_path import assert_batches_equal_rows
 
 
@@ -122,12 +123,11 @@ def test_extend_writes_ipc_sidecars_whose_rows_equal_the_webdataset_extension(
     """--extend of an ipc dataset (a third teacher): its sidecars are Arrow IPC files, and its rows,
     new teacher included, equal those of the same extension of the job written as webdataset;
     validate, verify and show take the extended ipc dataset like any other."""
-    from_input = {"augmentation": {"horizontal_flip": {"p": 0.0}, "random_erasing": {"p": 0.0}}}
     extended = {}
     for name, output_format in (("ipc", "ipc"), ("from_input", "webdataset")):
         out = shutil.copytree(generated[name].job.output.url.removeprefix("file://"), tmp_path / name)
         job = small_job_dict(sample_shards, out, output={"format": output_format, "embedding_dtype": "bfloat16"},
-                             **from_input)
+                             **FROM_INPUT)
         job["teachers"] = [*job["teachers"], EXTENSION_TEACHER]
         extend_dataset(parse_job(job))
         extended[name] = open_dataset(str(out))
@@ -139,8 +139,7 @@ def test_extend_writes_ipc_sidecars_whose_rows_equal_the_webdataset_extension(
     assert all((tmp_path / "ipc" / path).is_file() for path in sidecars)
     rows, expected = list(ipc.iter_samples()), list(webdataset.iter_samples())
     assert len(rows) == len(expected) == 18
-    new_columns = [name for name in expected[0] if EXTENSION_TEACHER["id"] in name]
-    assert new_columns, list(expected[0])
+    assert any(EXTENSION_TEACHER["id"] in name for name in expected[0]), list(expected[0])  # the new teacher's columns
     _assert_same_rows(rows, expected)
     assert assert_batches_equal_rows(ipc) == 18
 
@@ -148,7 +147,9 @@ def test_extend_writes_ipc_sidecars_whose_rows_equal_the_webdataset_extension(
     code, lines = _cli(["verify", tmp_path / "ipc", "--samples", "4", "--json"])
     assert code == 0, lines
     report = json.loads("\n".join(lines))
-    assert EXTENSION_TEACHER["id"] in json.dumps(report)
+    (added,) = [check for check in report["teachers"] if check["teacher"] == EXTENSION_TEACHER["id"]]
+    assert report["passed"] and added["min"] >= report["threshold"] and added["image"]["count"] > 0
+    assert report["replay"]["views"] > 0 and report["replay"]["mismatched"] == []
     png = tmp_path / "grid.png"
     code, lines = _cli(["show", tmp_path / "ipc", "--key", rows[0]["key"], "--out", png])
     assert code == 0 and png.stat().st_size > 0, lines
